@@ -1,0 +1,153 @@
+"""Orbax checkpoints of the train state in ``<workdir>/checkpoints``.
+
+Each checkpoint step holds two items: ``state`` (the train-state pytree,
+sharded arrays written by every process) and ``config`` (the run's config as
+JSON, to explain an incompatible resume). Orbax writes a step to a temporary
+directory and renames it when complete, so a crash during a save leaves the
+previous checkpoints intact.
+
+Restoring takes an abstract target (``jax.ShapeDtypeStruct`` with shardings),
+so a checkpoint restores onto any device count or mesh.
+"""
+
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint's arrays do not match the current config's train state."""
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in flat}
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested config dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diff(a, b, name + ".")
+        elif a != b:
+            diffs.append(f"{name}: checkpoint {a!r} vs now {b!r}")
+    return diffs
+
+
+class Checkpointer:
+    """Keep-last-N plus keep-every-K checkpoints with async saves."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_every: int | None = None,
+                 async_save: bool = True):
+        self.directory = os.path.join(workdir, "checkpoints")
+        self._workdir = workdir
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_every or None,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
+        """Starts an (async) save of ``state`` at ``step``; no-op if it exists."""
+        if step in self._manager.all_steps():
+            return
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config.to_dict())), force=True)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def check_compatible(self, step: int, abstract_state: Any,
+                         config: ml_collections.ConfigDict) -> None:
+        """Raises IncompatibleCheckpointError if shapes/dtypes differ from the target."""
+        meta = self._manager.item_metadata(step)["state"]
+        saved = _flat_shapes(meta.tree if hasattr(meta, "tree") else meta)
+        wanted = _flat_shapes(abstract_state)
+        if saved == wanted:
+            return
+        mismatched = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        lines = [f"  {k}: checkpoint {saved.get(k, 'missing')} vs config {wanted.get(k, 'missing')}"
+                 for k in mismatched[:10]]
+        try:
+            old_config = self._manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            config_lines = _config_diff(old_config, config.to_dict())
+        except Exception:  # pylint: disable=broad-except
+            config_lines = ["(the checkpoint's config could not be read)"]
+        raise IncompatibleCheckpointError(
+            f"The checkpoint at {self.directory}/{step} does not match the current config: "
+            f"{len(mismatched)} arrays differ, e.g.\n" + "\n".join(lines) +
+            "\nConfig differences:\n  " + "\n  ".join(config_lines[:20] or ["(none recorded)"]) +
+            "\nResume with the config the run was started with, or use a new --workdir.")
+
+    def restore_latest(self, abstract_state: Any, config: ml_collections.ConfigDict
+                       ) -> tuple[Any, int] | None:
+        """Restores the newest readable checkpoint onto ``abstract_state``'s shardings.
+
+        A checkpoint that fails to read (e.g. truncated files) is moved to
+        ``<workdir>/checkpoints_corrupt/`` (never deleted) and the next older
+        one is tried, so training resumes from the last good state.
+
+        Returns:
+          (state, step), or None if there is no checkpoint.
+
+        Raises:
+          IncompatibleCheckpointError: the checkpoint is from a different model.
+          RuntimeError: checkpoints exist but none could be read.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        errors = []
+        for step in steps:
+            try:
+                self.check_compatible(step, abstract_state, config)
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+                if errors:
+                    logging.warning("Resumed from older checkpoint %d after: %s", step, errors)
+                return restored["state"], step
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # pylint: disable=broad-except
+                logging.error("Checkpoint step %d is unreadable: %r", step, e)
+                errors.append(f"step {step}: {type(e).__name__}: {e}")
+                self._quarantine(step)
+        raise RuntimeError(
+            f"No checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(errors) +
+            f"\nThey were moved to {self._workdir}/checkpoints_corrupt/. Start a new --workdir "
+            "or restore a good copy.")
+
+    def _quarantine(self, step: int) -> None:
+        """Moves an unreadable step aside so it is neither reused nor overwritten."""
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst_dir = os.path.join(self._workdir, "checkpoints_corrupt")
+            os.makedirs(dst_dir, exist_ok=True)
+            if os.path.exists(src):
+                shutil.move(src, os.path.join(dst_dir, str(step)))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantine_checkpoint_{step}")
+        # Let orbax rescan the directory.
+        self._manager.reload()

@@ -1,0 +1,40 @@
+r"""Trains a diffusion model: a thin absl entry point around train.train_and_evaluate.
+
+  python -m simple_diffusion.main --config=configs/fashion_mnist_demo.py --workdir=workdirs/demo
+  python -m simple_diffusion.main --config=configs/imagenet512.py --workdir=gs://bucket/run1 \
+      --config.batch_size=256
+
+Re-running the same command on the same workdir resumes. Multi-host: every
+process runs the same command; the cluster is detected (Cloud TPU, SLURM, Open
+MPI, k8s) or given with --coordinator_address/--num_processes/--process_id.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from simple_diffusion import distributed
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/<name>.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # Imported after distributed init: nothing may touch the JAX backend before it.
+    from simple_diffusion import train  # pylint: disable=g-import-not-at-top
+    logging.info(distributed.describe())
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
