@@ -212,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9))
                 last_log_time, last_log_step = now, step
                 writer.write_scalars(step, last_metrics)
+                writer.flush()  # Only every log_every_steps: lets TensorBoard follow the run.
                 pending_metrics = []
 
             if sample_fn is not None and (step % config.sample.every_steps == 0 or final):

@@ -60,6 +60,18 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation,
     }
 
 
+def sharded_abstract_params(model: nn.Module, config: ml_collections.ConfigDict,
+                            mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """Abstract params (``ShapeDtypeStruct`` carrying their FSDP shardings), and the
+    shardings alone; nothing is allocated."""
+    boxed = jax.eval_shape(functools.partial(init_state, model, None, config, boxed=True),
+                           jax.random.key(0))["params"]
+    shardings = sharding_lib.param_shardings(boxed, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    return abstract, shardings
+
+
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                     ) -> tuple[State, State]:
@@ -70,11 +82,8 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
       ``NamedSharding``. Parameters, Adam moments and EMA copies are sharded
       alike (FSDP from logical axis names); scalars are replicated.
     """
-    rng = jax.random.key(0)
-    boxed = jax.eval_shape(functools.partial(init_state, model, tx, config, boxed=True), rng)
-    abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), rng)
-    params_sh = sharding_lib.param_shardings(boxed["params"], mesh, config.get("sharding_rules")
-                                             or sharding_lib.DEFAULT_RULES)
+    abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), jax.random.key(0))
+    _, params_sh = sharded_abstract_params(model, config, mesh)
     replicated = sharding_lib.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], params_sh,
                                    transform_non_params=lambda _: replicated)

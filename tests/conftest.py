@@ -8,3 +8,32 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 # Keep TensorFlow (used by TFDS / clu writers) quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import importlib.util
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name: str):
+    """Loads configs/<name>.py's get_config() (unlocked, a fresh copy)."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory):
+    """A TFDS data_dir shared by the tests; Fashion-MNIST is prepared on first use."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def tiny_config(fashion_mnist_dir):
+    """configs/tiny.py reading Fashion-MNIST from the session data_dir."""
+    config = load_config("tiny")
+    config.data.data_dir = fashion_mnist_dir
+    return config
