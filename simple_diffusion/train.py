@@ -50,6 +50,10 @@ class _PreemptionFlag:
         self._previous = None
 
     def install(self):
+        if jax.process_count() > 1:
+            # jax.distributed's preemption service owns SIGTERM in multi-process
+            # runs and makes every process stop at the same step.
+            return
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # Not in the main thread (e.g. a notebook worker).
@@ -67,7 +71,7 @@ class _PreemptionFlag:
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
             # All processes must agree on the step at which they stop.
-            return multihost_utils.reached_preemption_sync_point(step) or self.requested
+            return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
 
