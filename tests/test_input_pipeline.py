@@ -1,0 +1,276 @@
+"""Tests of the input pipeline on the real Fashion-MNIST files and on image folders.
+
+The reference data is decoded here straight from the Debian idx files with
+gzip + NumPy, independently of the builder.
+"""
+
+import gzip
+import os
+import threading
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from simple_diffusion import input_pipeline
+from simple_diffusion.datasets import fashion_mnist_local
+
+_IDX_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _read_idx(name: str, header_bytes: int) -> np.ndarray:
+    with gzip.open(os.path.join(_IDX_DIR, name)) as f:
+        return np.frombuffer(f.read(), np.uint8, offset=header_bytes)
+
+
+@pytest.fixture(scope="module")
+def raw_train():
+    """(uint8 [60000, 28, 28], uint8 [60000]) from the idx files."""
+    images = _read_idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    return images, _read_idx("train-labels-idx1-ubyte.gz", 8)
+
+
+@pytest.fixture(scope="session")
+def fmnist_data_dir(tmp_path_factory):
+    """A TFDS data_dir in which the first use prepares fashion_mnist_local."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+    config = dict(source="tfds", name="fashion_mnist_local", split="train", data_dir=None,
+                  folder=None, random_flip=False, prefetch=2)
+    config.update(overrides)
+    return ml_collections.ConfigDict(config)
+
+
+@pytest.fixture(scope="module")
+def fmnist_config(fmnist_data_dir):
+    config = _config(data_dir=fmnist_data_dir)
+    # Prepares the dataset (about 10 s) for all tests of this module.
+    input_pipeline.dataset_info(config)
+    return config
+
+
+def _take(iterator, num_batches):
+    with iterator:
+        return [next(iterator) for _ in range(num_batches)]
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] -> uint8, exact for images that came from uint8."""
+    return np.round((images + 1.0) * 127.5).astype(np.uint8)
+
+
+def test_dataset_info(fmnist_config):
+    assert input_pipeline.dataset_info(fmnist_config) == input_pipeline.DatasetInfo(
+        num_examples=60000, num_classes=10, channels=1)
+    test_info = input_pipeline.dataset_info(_config(data_dir=fmnist_config.data_dir,
+                                                    split="test[:25%]"))
+    assert test_info.num_examples == 2500
+
+
+def test_load_images_match_the_idx_file(fmnist_config):
+    raw_test = _read_idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)
+    images = input_pipeline.load_images(fmnist_config, image_size=28, num_examples=300,
+                                        split="test")
+    assert images.dtype == np.uint8 and images.shape == (300, 28, 28, 1)
+    np.testing.assert_array_equal(images, raw_test[:300])
+
+
+def test_batches_hold_the_sampled_examples(fmnist_config, raw_train):
+    raw_images, raw_labels = raw_train
+    batches = _take(input_pipeline.create_input_iterator(
+        fmnist_config, image_size=28, global_batch_size=48, seed=3, start_step=5), 2)
+    sampler = input_pipeline.IndexSampler(60000, 48, seed=3)
+    for step, batch in zip((5, 6), batches):
+        assert batch["image"].dtype == np.float32 and batch["image"].shape == (48, 28, 28, 1)
+        assert batch["label"].dtype == np.int32 and batch["label"].shape == (48,)
+        assert batch["image"].min() == -1.0 and batch["image"].max() == 1.0
+        indices = sampler.indices(step)
+        np.testing.assert_array_equal(batch["label"], raw_labels[indices])
+        np.testing.assert_array_equal(_to_uint8(batch["image"])[..., 0], raw_images[indices])
+
+
+def test_an_epoch_covers_every_example_once(raw_train):
+    _, raw_labels = raw_train
+    sampler = input_pipeline.IndexSampler(60000, 1000, seed=0)
+    epoch0 = np.concatenate([sampler.indices(step) for step in range(60)])
+    epoch1 = np.concatenate([sampler.indices(step) for step in range(60, 120)])
+    np.testing.assert_array_equal(np.sort(epoch0), np.arange(60000))
+    np.testing.assert_array_equal(np.sort(epoch1), np.arange(60000))
+    assert not np.array_equal(epoch0, epoch1)  # Reshuffled per epoch.
+    np.testing.assert_array_equal(np.bincount(raw_labels[epoch0]), np.full(10, 6000))
+
+
+def test_batches_straddle_epochs():
+    sampler = input_pipeline.IndexSampler(10, 4, seed=1)
+    stream = np.concatenate([sampler.indices(step) for step in range(5)])  # 2 epochs.
+    np.testing.assert_array_equal(np.sort(stream[:10]), np.arange(10))
+    np.testing.assert_array_equal(np.sort(stream[10:]), np.arange(10))
+    np.testing.assert_array_equal(sampler.indices(2)[2:], stream[10:12])
+
+
+def test_deterministic_and_resumable(fmnist_config):
+    kwargs = dict(image_size=32, global_batch_size=32, process_index=0, process_count=1)
+    config = _config(data_dir=fmnist_config.data_dir, random_flip=True)
+    straight = _take(input_pipeline.create_input_iterator(config, seed=7, **kwargs), 5)
+    again = _take(input_pipeline.create_input_iterator(config, seed=7, **kwargs), 2)
+    resumed = _take(input_pipeline.create_input_iterator(config, seed=7, start_step=3,
+                                                         **kwargs), 2)
+    other_seed = _take(input_pipeline.create_input_iterator(config, seed=8, **kwargs), 1)
+    for a, b in zip(straight[:2] + straight[3:], again + resumed):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    assert not np.array_equal(straight[0]["image"], straight[1]["image"])
+    assert not np.array_equal(straight[0]["label"], other_seed[0]["label"])
+
+
+def test_independent_of_the_process_layout(fmnist_config):
+    config = _config(data_dir=fmnist_config.data_dir, random_flip=True)
+    kwargs = dict(image_size=32, global_batch_size=32, seed=0, start_step=2)
+    one = _take(input_pipeline.create_input_iterator(
+        config, process_index=0, process_count=1, **kwargs), 2)
+    halves = [_take(input_pipeline.create_input_iterator(
+        config, process_index=p, process_count=2, **kwargs), 2) for p in range(2)]
+    for step in range(2):
+        assert halves[0][step]["image"].shape == (16, 32, 32, 1)
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][key], halves[1][step][key]]), one[step][key])
+        # Different processes read different examples.
+        assert not np.array_equal(halves[0][step]["image"], halves[1][step]["image"])
+
+
+def test_process_defaults_come_from_jax(fmnist_config):
+    batch = _take(input_pipeline.create_input_iterator(
+        fmnist_config, image_size=32, global_batch_size=8, seed=0), 1)[0]
+    assert batch["image"].shape == (8, 32, 32, 1)  # One process in tests.
+
+
+def test_random_flips(fmnist_config, raw_train):
+    raw_images, _ = raw_train
+    config = _config(data_dir=fmnist_config.data_dir, random_flip=True)
+    batch = _take(input_pipeline.create_input_iterator(
+        config, image_size=28, global_batch_size=64, seed=5, start_step=1), 1)[0]
+    sampler = input_pipeline.IndexSampler(60000, 64, seed=5)
+    originals = raw_images[sampler.indices(1)]
+    got = _to_uint8(batch["image"])[..., 0]
+    is_original = np.all(got == originals, axis=(1, 2))
+    is_mirrored = np.all(got == originals[:, :, ::-1], axis=(1, 2))
+    assert np.all(is_original | is_mirrored)
+    asymmetric = ~np.all(originals == originals[:, :, ::-1], axis=(1, 2))
+    np.testing.assert_array_equal(is_mirrored[asymmetric], sampler.flips(1)[asymmetric])
+    assert 16 < is_mirrored[asymmetric].sum() < 48
+
+
+def test_center_crop_and_resize_averages_areas():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    out = input_pipeline.center_crop_and_resize(image, 3)
+    # Central 6x6 square, then the mean of each 2x2 block (to within one level:
+    # PIL resamples uint8 in fixed point).
+    expected = image[:, 1:7].reshape(3, 2, 3, 2, 3).mean(axis=(1, 3))
+    assert out.shape == (3, 3, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(out, expected, atol=1.0)
+    gray = np.full((28, 28, 1), 77, np.uint8)
+    np.testing.assert_array_equal(input_pipeline.center_crop_and_resize(gray, 32),
+                                  np.full((32, 32, 1), 77))
+
+
+def _write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_folder_source(tmp_path):
+    # Wide images: the center 20x20 holds the class colour, the margins are white.
+    colours = {"cats": (200, 10, 10), "ants": (10, 200, 10)}  # Sorted: ants = 0, cats = 1.
+    for name, colour in colours.items():
+        for i in range(3):
+            image = np.full((20, 60, 3), 255, np.uint8)
+            image[:, 20:40] = colour
+            _write_png(str(tmp_path / name / f"{i}.png"), image)
+    config = _config(source="folder", folder=str(tmp_path), random_flip=True)
+    assert input_pipeline.dataset_info(config) == input_pipeline.DatasetInfo(6, 2, 3)
+    batch = _take(input_pipeline.create_input_iterator(
+        config, image_size=8, global_batch_size=6, seed=0, process_index=0,
+        process_count=1), 1)[0]
+    assert batch["image"].shape == (6, 8, 8, 3)
+    np.testing.assert_array_equal(np.sort(batch["label"]), [0, 0, 0, 1, 1, 1])
+    for image, label in zip(_to_uint8(batch["image"]), batch["label"]):
+        np.testing.assert_array_equal(image, np.broadcast_to(colours[("ants", "cats")[label]],
+                                                             (8, 8, 3)))
+    loaded = input_pipeline.load_images(config, image_size=8, num_examples=6)
+    np.testing.assert_array_equal(loaded[0], np.broadcast_to(colours["ants"], (8, 8, 3)))
+
+
+def test_grayscale_folder_without_classes(tmp_path):
+    for i in range(2):
+        _write_png(str(tmp_path / f"{i}.png"), np.full((16, 16), 40 * i, np.uint8))
+    config = _config(source="folder", folder=str(tmp_path), prefetch=0)
+    assert input_pipeline.dataset_info(config) == input_pipeline.DatasetInfo(2, 0, 1)
+    images = input_pipeline.load_images(config, image_size=4, num_examples=2)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 40])
+
+
+def test_close_stops_the_prefetch_thread(fmnist_config):
+    iterator = input_pipeline.create_input_iterator(
+        fmnist_config, image_size=32, global_batch_size=8, seed=0)
+    next(iterator)
+    iterator.close()
+    assert not any(t.name == "input_prefetch" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(StopIteration):
+        next(iterator)
+
+
+def test_errors_while_loading_reach_the_caller(tmp_path):
+    _write_png(str(tmp_path / "a" / "good.png"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "a" / "the_broken_one.png").write_bytes(b"not a png")
+    config = _config(source="folder", folder=str(tmp_path))
+    iterator = input_pipeline.create_input_iterator(
+        config, image_size=8, global_batch_size=2, seed=0, process_index=0, process_count=1)
+    with pytest.raises(Image.UnidentifiedImageError):
+        next(iterator)
+
+
+def test_missing_folder_and_empty_folder(tmp_path):
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="does not exist"):
+        input_pipeline.dataset_info(_config(source="folder", folder=str(tmp_path / "nope")))
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="holds no images"):
+        input_pipeline.dataset_info(_config(source="folder", folder=str(tmp_path)))
+
+
+def test_unprepared_tfds_dataset_names_the_prepare_command(tmp_path):
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as error:
+        input_pipeline.dataset_info(_config(name="mnist", data_dir=str(tmp_path)))
+    assert isinstance(error.value, FileNotFoundError)
+    message = str(error.value)
+    assert f"tfds.builder('mnist', data_dir='{tmp_path}', file_format='array_record')" in message
+    assert ".download_and_prepare()" in message
+
+
+def test_manual_download_datasets_mention_the_manual_dir(tmp_path):
+    with pytest.raises(input_pipeline.DatasetNotFoundError,
+                       match="(?s)manual_dir='DIR_WITH_THE_DOWNLOADED_FILES'.*ILSVRC2012_img_train"):
+        input_pipeline.dataset_info(_config(name="imagenet2012", data_dir=str(tmp_path)))
+
+
+def test_missing_debian_files_name_the_install_command(tmp_path):
+    builder = fashion_mnist_local.FashionMnistLocal(
+        data_dir=str(tmp_path), source_dir=str(tmp_path / "absent"), file_format="array_record")
+    with pytest.raises(FileNotFoundError, match="sudo apt-get install dataset-fashion-mnist"):
+        builder.download_and_prepare()
+    assert fashion_mnist_local.missing_source_files() == []
+
+
+def test_bad_names_splits_and_batch_sizes(fmnist_config):
+    with pytest.raises(ValueError, match="Unknown TFDS dataset 'no_such_dataset'"):
+        input_pipeline.dataset_info(_config(name="no_such_dataset"))
+    with pytest.raises(ValueError, match="Unknown split 'validation'"):
+        input_pipeline.dataset_info(_config(data_dir=fmnist_config.data_dir,
+                                            split="validation"))
+    with pytest.raises(ValueError, match="not divisible by process_count=2"):
+        input_pipeline.create_input_iterator(fmnist_config, image_size=32, global_batch_size=7,
+                                             seed=0, process_index=0, process_count=2)
