@@ -9,6 +9,8 @@ process runs the same command; the cluster is detected (Cloud TPU, SLURM, Open
 MPI, k8s) or given with --coordinator_address/--num_processes/--process_id.
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -26,9 +28,17 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO chatter of orbax (several lines per save) from the run log."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # Imported after distributed init: nothing may touch the JAX backend before it.
     from simple_diffusion import train  # pylint: disable=g-import-not-at-top
