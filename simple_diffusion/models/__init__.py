@@ -1,0 +1,54 @@
+"""Denoising networks: the U-ViT (simple diffusion / SiD2) and the DDPM U-Net baseline.
+
+`create_model(config)` is the one entry point; see `presets.py` for the configs and
+`docs/models.md` for the architecture and preset choices.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from simple_diffusion.models import unet
+from simple_diffusion.models import uvit
+
+_BUILDERS = {"uvit": uvit, "unet": unet}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_COMMON_FIELDS = ("name", "image_size", "in_channels", "num_classes", "dtype", "param_dtype")
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """Builds the Flax Linen module described by `config`.
+
+    Common fields: name ('uvit' | 'unet'), image_size, in_channels, num_classes (0 =
+    unconditional; otherwise the model has num_classes + 1 class embeddings and index
+    num_classes is the null class for classifier-free guidance), dtype ('float32' |
+    'bfloat16', the compute dtype), param_dtype ('float32' | 'bfloat16'), plus the
+    model-specific fields listed in `uvit.CONFIG_FIELDS` / `unet.CONFIG_FIELDS`.
+
+    The module is called as `apply({'params': p}, z, logsnr, labels, train=..., rngs=...)`
+    with z [B, H, W, C] float32, logsnr [B] float32, labels [B] int32 or None (only when
+    num_classes == 0; labels are ignored then) and returns [B, H, W, C] float32.
+
+    Raises:
+      ValueError: for a missing, unknown or inconsistent field; the message names the
+        field and the fix.
+    """
+    for field in _COMMON_FIELDS:
+        if field not in config:
+            raise ValueError(f"model config is missing field {field!r}; start from "
+                             "presets.get_preset(...) and override.")
+    if config.name not in _BUILDERS:
+        raise ValueError(f"config.name={config.name!r}: use one of {sorted(_BUILDERS)}.")
+    builder = _BUILDERS[config.name]
+    missing = [f for f in builder.CONFIG_FIELDS if f not in config]
+    if missing:
+        raise ValueError(f"{config.name} config is missing fields {missing}; start from "
+                         "presets.get_preset(...) and override.")
+    for field in ("dtype", "param_dtype"):
+        if config[field] not in _DTYPES:
+            raise ValueError(f"config.{field}={config[field]!r}: use one of {sorted(_DTYPES)}.")
+    if config.image_size < 1 or config.in_channels < 1:
+        raise ValueError("config.image_size and config.in_channels must be positive.")
+    if config.num_classes < 0:
+        raise ValueError(f"config.num_classes={config.num_classes}: use 0 for unconditional.")
+    return builder.from_config(config, _DTYPES[config.dtype], _DTYPES[config.param_dtype])
