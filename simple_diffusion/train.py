@@ -10,7 +10,6 @@ readable checkpoint; the data iterator restarts at the restored step, so a
 resumed run reproduces an uninterrupted one.
 """
 
-import functools
 import json
 import os
 import signal
@@ -141,9 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       async_save=config.async_checkpoints)
     restored = ckpt.restore_latest(target, config)
     if restored is None:
-        init = jax.jit(functools.partial(train_step_lib.init_state, model, tx, config),
-                       out_shardings=state_sh)
-        state = init(jax.random.key(config.seed))
+        state = train_step_lib.create_sharded_state(model, tx, config, state_sh)
         start_step = 0
         logging.info("Initialised a new run in %s.", workdir)
     else:

@@ -37,3 +37,13 @@ def tiny_config(fashion_mnist_dir):
     config = load_config("tiny")
     config.data.data_dir = fashion_mnist_dir
     return config
+
+# Tests build the same tiny programs many times (one trainer per test, and
+# subprocesses); a persistent compilation cache makes every compile after the
+# first a cache hit. Subprocesses inherit it through the environment.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"

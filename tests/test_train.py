@@ -31,8 +31,7 @@ def _one_step(config, mesh):
     tx = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
     lr = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
     _, state_sh = train_step_lib.state_shardings(model, tx, config, mesh)
-    state = jax.jit(lambda k: train_step_lib.init_state(model, tx, config, k),
-                    out_shardings=state_sh)(jax.random.key(0))
+    state = train_step_lib.create_sharded_state(model, tx, config, state_sh)
     batch_sh = sharding.batch_sharding(mesh)
     rs = np.random.RandomState(0)
     size = config.model.image_size
@@ -52,12 +51,17 @@ def _one_step(config, mesh):
 def test_one_step_agrees_on_1_device_data_parallel_and_fsdp(tiny_config):
     config = tiny_config
     config.optimizer.warmup_steps = 0  # Full learning rate at step 0.
+    # Adam's first step is lr * sign(g) for |g| >> eps, which turns float noise
+    # in near-zero gradients into lr-sized differences; a large eps makes the
+    # update ~ lr * g, so parameters compare like gradients.
+    config.optimizer.eps = 1.0
     init, ref_params, ref_metrics = _one_step(
         config, sharding.create_mesh(1, 1, jax.devices()[:1]))
-    # The step really moved every parameter tree leaf's values somewhere.
+    # The step really updated parameters (layers feeding zero-initialised
+    # residual outputs get zero gradient at step 0, so not all of them).
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init),
                                                       jax.tree.leaves(ref_params))]
-    assert sum(moved) > len(moved) // 2
+    assert sum(moved) >= 10, sum(moved)
     for data, fsdp in [(8, 1), (2, 4)]:
         _, params, metrics = _one_step(config, sharding.create_mesh(data, fsdp))
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
