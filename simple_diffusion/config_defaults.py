@@ -52,6 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
         every_steps=1000, num_images=64, sampler="ddpm", num_steps=256,
         guidance_scale=0.0, clip_x=True))
 
+    # Sample-quality evaluation (simple_diffusion/evaluate.py), EMA params of
+    # ema_decays[0]. 'effnet_lite0' reports fd_effnet_lite0 / kid_effnet_lite0;
+    # 'inception_v3' (needs the converted pt_inception weights) reports FID/IS.
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=0, num_samples=1000, num_reference=2000, reference_split="test",
+        sampler="ddpm", num_steps=128, guidance_scale=0.0, feature="effnet_lite0",
+        inception_weights=ml_collections.FieldReference(None, field_type=str), seed=0,
+        batch_size=256))
+
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3          # Keep the last N ...
@@ -93,6 +102,10 @@ def imagenet_config(resolution: int) -> ml_collections.ConfigDict:
     c.sample.num_images = 64
     c.sample.num_steps = 256
     c.sample.guidance_scale = 4.0  # The paper's figures use guidance 4.
+    c.eval.reference_split = "validation"
+    c.eval.num_samples = 10_000
+    c.eval.num_reference = 10_000
+    c.eval.num_steps = 256
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5_000
     c.keep_every_steps = 50_000

@@ -79,6 +79,16 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                f"config.sample.num_images={s.num_images} must be a multiple of the {num_devices} "
                "devices (samples are generated sharded over all devices).")
         _check(s.num_steps >= 1, f"config.sample.num_steps={s.num_steps} must be >= 1.")
+    e = config.eval
+    if e.every_steps:
+        _check(e.sampler in SAMPLERS, f"config.eval.sampler={e.sampler!r}; use one of {SAMPLERS}.")
+        _check(e.feature in ("effnet_lite0", "inception_v3"),
+               f"config.eval.feature={e.feature!r}; use 'effnet_lite0' or 'inception_v3'.")
+        _check(e.feature != "inception_v3" or bool(e.inception_weights),
+               "config.eval.feature='inception_v3' needs --config.eval.inception_weights=PATH "
+               "(the converted pt_inception-2015-12-05 weights, docs/evaluation.md).")
+        _check(e.num_samples >= 2 and e.num_reference >= 2,
+               "config.eval.num_samples and num_reference must be >= 2.")
     _check(config.log_every_steps > 0, "config.log_every_steps must be > 0.")
     _check(config.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be > 0.")
     _check(config.keep_checkpoints >= 1, "config.keep_checkpoints must be >= 1.")

@@ -9,17 +9,12 @@ Writes to <workdir>/samples_cli/step_<N>_<sampler>_<steps>_g<guidance>_s<seed>/
 all devices (and hosts); the same seed gives the same images.
 """
 
-import json
 import os
 
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 import jax
-from jax.experimental import multihost_utils
-import ml_collections
-import numpy as np
 
 from simple_diffusion import checkpointing
 from simple_diffusion import config_validation
@@ -47,67 +42,12 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write (default under
 flags.mark_flags_as_required(["workdir"])
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config the run in ``workdir`` was trained with (its config.json)."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: {workdir} is not a training workdir (train first with "
-            "python -m simple_diffusion.main --config=... --workdir=...).")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def parse_labels(text: str | None, num_classes: int) -> np.ndarray | None:
-    """'3,5' -> int32 [3, 5]; checks the range. None: cycle through all classes."""
-    if text is None:
-        return None
-    if not num_classes:
-        raise ValueError("--labels given, but the model is unconditional (num_classes=0).")
-    try:
-        labels = np.array([int(v) for v in text.split(",") if v.strip()], np.int32)
-    except ValueError as e:
-        raise ValueError(f"--labels={text!r}: expected comma-separated integers.") from e
-    if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"--labels={text!r}: class ids must be in [0, {num_classes - 1}].")
-    return labels
-
-
-def generate(config: ml_collections.ConfigDict, params, mesh, *, num_samples: int, sampler: str,
-             steps: int, guidance: float, labels: np.ndarray | None, seed: int,
-             batch_size: int = 0, **sampler_kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Samples ``num_samples`` images. Returns (uint8 [K, H, W, C], int32 [K] labels)."""
-    if sampler not in config_validation.SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; use one of {config_validation.SAMPLERS}.")
-    if num_samples <= 0 or steps <= 0:
-        raise ValueError("--num_samples and --steps must be positive.")
-    num_classes = config.model.num_classes
-    if labels is None:
-        all_labels = sampling.default_labels(num_samples, num_classes)
-    else:
-        all_labels = np.resize(labels, num_samples).astype(np.int32)
-    devices = mesh.size
-    batch = batch_size or num_samples
-    batch = -(-batch // devices) * devices  # Round up to a multiple of the devices.
-    model = models.create_model(config.model)
-    sample_fn = sampling.make_sample_fn(model, config, mesh, sampler=sampler, num_steps=steps,
-                                        guidance_scale=guidance, **sampler_kwargs)
-    images = []
-    for i, start in enumerate(range(0, num_samples, batch)):
-        chunk = all_labels[start:start + batch]
-        padded = np.resize(chunk, batch).astype(np.int32)
-        out = sample_fn(params, jax.random.fold_in(jax.random.key(seed), i),
-                        sampling.replicate_labels(padded, mesh))
-        out = multihost_utils.process_allgather(out, tiled=True)
-        images.append(sampling.to_uint8(out)[:len(chunk)])
-    return np.concatenate(images), all_labels
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     distributed.initialize()
-    config = load_run_config(_WORKDIR.value)
-    labels = parse_labels(_LABELS.value, config.model.num_classes)
+    config = sampling.load_run_config(_WORKDIR.value)
+    labels = sampling.parse_labels(_LABELS.value, config.model.num_classes)
     if _SAMPLER.value not in config_validation.SAMPLERS:
         raise app.UsageError(
             f"--sampler={_SAMPLER.value!r}; use one of {config_validation.SAMPLERS}.")
@@ -122,7 +62,7 @@ def main(argv):
         models.create_model(config.model), config, mesh)
     params = ckpt.restore_params(step, abstract,
                                  ema_index=None if _EMA_INDEX.value < 0 else _EMA_INDEX.value)
-    images, used_labels = generate(
+    images, used_labels = sampling.generate(
         config, params, mesh, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
         steps=_STEPS.value, guidance=_GUIDANCE.value, labels=labels, seed=_SEED.value,
         batch_size=_BATCH.value, **_sampler_kwargs(_SAMPLER.value))
@@ -130,7 +70,7 @@ def main(argv):
         _WORKDIR.value, "samples_cli",
         f"step_{step}_{_SAMPLER.value}_{_STEPS.value}_g{_GUIDANCE.value:g}_s{_SEED.value}")
     if jax.process_index() == 0:
-        write_outputs(out_dir, images, used_labels)
+        sampling.write_outputs(out_dir, images, used_labels)
     logging.info("Wrote %d samples to %s", len(images), out_dir)
     ckpt.close()
 
@@ -141,17 +81,6 @@ def _sampler_kwargs(sampler: str) -> dict:
     if sampler in ("euler", "heun"):
         return {"s_churn": _CHURN.value}
     return {}
-
-
-def write_outputs(out_dir: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """PNG per image, grid.png and samples.npz (uint8 images, int32 labels)."""
-    path = epath.Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        sampling.save_png(str(path / f"{i:06d}_class{labels[i]}.png"), image)
-    sampling.save_png(str(path / "grid.png"), sampling.make_grid(images))
-    with (path / "samples.npz").open("wb") as f:
-        np.savez(f, images=images, labels=labels)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,19 @@ sampler loop itself (``samplers.sample``) is a ``lax.scan``: one compile per
 """
 
 import io
+import json
 from typing import Any, Callable
 
 from etils import epath
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from PIL import Image
 
+from simple_diffusion import config_validation
+from simple_diffusion import models
 from simple_diffusion import samplers
 from simple_diffusion import schedules
 from simple_diffusion import sharding as sharding_lib
@@ -102,3 +106,87 @@ def replicate_labels(labels: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
     sh = sharding_lib.batch_sharding(mesh)
     return jax.make_array_from_callback(labels.shape, sh, lambda idx: labels[idx])
 
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config the run in ``workdir`` was trained with (its config.json)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {workdir} is not a training workdir (train first with "
+            "python -m simple_diffusion.main --config=... --workdir=...).")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def parse_labels(text: str | None, num_classes: int) -> np.ndarray | None:
+    """'3,5' -> int32 [3, 5]; checks the range. None: cycle through all classes."""
+    if text is None:
+        return None
+    if not num_classes:
+        raise ValueError("--labels given, but the model is unconditional (num_classes=0).")
+    try:
+        labels = np.array([int(v) for v in text.split(",") if v.strip()], np.int32)
+    except ValueError as e:
+        raise ValueError(f"--labels={text!r}: expected comma-separated integers.") from e
+    if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"--labels={text!r}: class ids must be in [0, {num_classes - 1}].")
+    return labels
+
+
+def generate(config: ml_collections.ConfigDict, params, mesh, *, num_samples: int, sampler: str,
+             steps: int, guidance: float, labels: np.ndarray | None, seed: int,
+             batch_size: int = 0, sample_fn: Callable | None = None,
+             **sampler_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Samples ``num_samples`` images with ``params``, sharded over ``mesh``.
+
+    Args:
+      config: the run config.
+      params: model parameters (e.g. an EMA copy).
+      mesh: device mesh.
+      num_samples: number of images K.
+      sampler, steps, guidance: see ``make_sample_fn``.
+      labels: class ids cycled over the K samples; None cycles all classes.
+      seed: batch i uses ``fold_in(key(seed), i)``: same seed, same images.
+      batch_size: images per sampler call (0: K), rounded up to the devices.
+      sample_fn: a prebuilt ``make_sample_fn`` result to reuse (periodic
+        evaluation compiles once); it must match sampler/steps/guidance.
+      **sampler_kwargs: passed to ``samplers.sample``.
+
+    Returns:
+      (uint8 [K, H, W, C] images, int32 [K] labels).
+    """
+    if sampler not in config_validation.SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; use one of {config_validation.SAMPLERS}.")
+    if num_samples <= 0 or steps <= 0:
+        raise ValueError("--num_samples and --steps must be positive.")
+    num_classes = config.model.num_classes
+    if labels is None:
+        all_labels = default_labels(num_samples, num_classes)
+    else:
+        all_labels = np.resize(labels, num_samples).astype(np.int32)
+    devices = mesh.size
+    batch = batch_size or num_samples
+    batch = -(-batch // devices) * devices  # Round up to a multiple of the devices.
+    if sample_fn is None:
+        sample_fn = make_sample_fn(models.create_model(config.model), config, mesh,
+                                   sampler=sampler, num_steps=steps, guidance_scale=guidance,
+                                   **sampler_kwargs)
+    images = []
+    for i, start in enumerate(range(0, num_samples, batch)):
+        chunk = all_labels[start:start + batch]
+        padded = np.resize(chunk, batch).astype(np.int32)
+        out = sample_fn(params, jax.random.fold_in(jax.random.key(seed), i),
+                        replicate_labels(padded, mesh))
+        out = multihost_utils.process_allgather(out, tiled=True)
+        images.append(to_uint8(out)[:len(chunk)])
+    return np.concatenate(images), all_labels
+
+
+def write_outputs(out_dir: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """PNG per image, grid.png and samples.npz (uint8 images, int32 labels)."""
+    path = epath.Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_png(str(path / f"{i:06d}_class{labels[i]}.png"), image)
+    save_png(str(path / "grid.png"), make_grid(images))
+    with (path / "samples.npz").open("wb") as f:
+        np.savez(f, images=images, labels=labels)

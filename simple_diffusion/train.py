@@ -35,6 +35,7 @@ from simple_diffusion import sampling
 from simple_diffusion import schedules
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
+from simple_diffusion.evaluation import evaluator as evaluator_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -174,6 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             sampling.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
         writer.write_images(step, {"samples": grid[None]})
 
+    evaluator = None
+    if config.eval.every_steps:
+        evaluator = evaluator_lib.Evaluator(config, mesh, workdir, model=model)
+
     data_iter = input_pipeline.create_input_iterator(
         config.data, image_size=config.model.image_size, global_batch_size=config.batch_size,
         seed=config.seed, start_step=start_step)
@@ -219,6 +224,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if sample_fn is not None and (step % config.sample.every_steps == 0 or final):
                 with report.timed("sample"):
                     write_samples(step)
+
+            if evaluator is not None and (step % config.eval.every_steps == 0 or final):
+                with report.timed("eval"):
+                    results = evaluator(state["ema"][0], step)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+                last_metrics.update({f"eval/{k}": v for k, v in results.items()})
 
             preempted = preemption.reached(step)
             if step % config.checkpoint_every_steps == 0 or final or preempted:

@@ -1,0 +1,82 @@
+"""Periodic sample-quality evaluation: sample, embed, compare with a reference.
+
+Used by the trainer (every ``config.eval.every_steps``) and by the
+``simple_diffusion.evaluate`` CLI. The sampler and feature network compile
+once per Evaluator; reference statistics are cached as .npz.
+"""
+
+import json
+import os
+from typing import Any, Callable
+
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+
+from simple_diffusion import input_pipeline
+from simple_diffusion import models
+from simple_diffusion import sampling
+from simple_diffusion.evaluation import features as features_lib
+from simple_diffusion.evaluation import metrics as metrics_lib
+
+
+def reference_stats(config: ml_collections.ConfigDict, extractor: Callable,
+                    cache_dir: str) -> metrics_lib.FeatureStats:
+    """Feature statistics of the reference split, computed once and cached as .npz."""
+    e = config.eval
+    name = (f"ref_{config.data.name}_{e.reference_split}_{config.model.image_size}px_"
+            f"{e.feature}_{e.num_reference}.npz").replace("/", "_")
+    path = os.path.join(cache_dir, name)
+    if os.path.exists(path):
+        return metrics_lib.load_stats(path)
+    images = input_pipeline.load_images(config.data, image_size=config.model.image_size,
+                                        num_examples=e.num_reference, split=e.reference_split)
+    feats = np.asarray(extractor(images))
+    stats = metrics_lib.compute_stats(feats, keep_for_kid=e.num_reference)
+    if jax.process_index() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        metrics_lib.save_stats(path, stats.mu, stats.sigma, features=stats.features)
+    return stats
+
+
+class Evaluator:
+    """Holds the compiled sampler, the feature network and the reference stats,
+    so periodic evaluation during training compiles once."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str,
+                 *, model=None):
+        e = config.eval
+        self.config, self.mesh, self.workdir = config, mesh, workdir
+        self.model = model or models.create_model(config.model)
+        self.extractor = features_lib.get_feature_extractor(
+            e.feature, e.get("inception_weights"), return_logits=e.feature == "inception_v3")
+        self._feature_fn = (lambda x: self.extractor(x)[0]) if e.feature == "inception_v3" \
+            else self.extractor
+        self.ref = reference_stats(config, self._feature_fn, os.path.join(workdir, "eval"))
+        self.sample_fn = sampling.make_sample_fn(
+            self.model, config, mesh, sampler=e.sampler, num_steps=e.num_steps,
+            guidance_scale=e.guidance_scale)
+
+    def __call__(self, params: Any, step: int) -> dict[str, float]:
+        """Samples ``config.eval.num_samples`` images with ``params`` and scores them."""
+        e = self.config.eval
+        images, _ = sampling.generate(
+            self.config, params, self.mesh, num_samples=e.num_samples, sampler=e.sampler,
+            steps=e.num_steps, guidance=e.guidance_scale, labels=None, seed=e.seed,
+            batch_size=e.batch_size, sample_fn=self.sample_fn)
+        out = self.extractor(images)
+        feats, logits = out if isinstance(out, tuple) else (out, None)
+        results = metrics_lib.compute_metrics(
+            np.asarray(feats), self.ref, feature_name=e.feature,
+            gen_logits=None if logits is None else np.asarray(logits),
+            kid_subset_size=min(1000, e.num_samples, e.num_reference))
+        results = {k: float(v) for k, v in results.items()}
+        if jax.process_index() == 0:
+            path = epath.Path(self.workdir) / "eval" / f"step_{step:08d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dict(
+                step=step, num_samples=e.num_samples, num_reference=e.num_reference,
+                reference_split=e.reference_split, sampler=e.sampler, num_steps=e.num_steps,
+                guidance_scale=e.guidance_scale, **results), indent=2))
+        return results
