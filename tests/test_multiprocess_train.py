@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from conftest import read_checkpoint_params  # pylint: disable=g-bad-import-order
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -51,13 +51,7 @@ def _train(workdir, data_dir, num_processes: int, steps: int, timeout: int = 420
 
 
 def _params(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    try:
-        state = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
-    finally:
-        mngr.close()
-    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+    return read_checkpoint_params(str(workdir), step)
 
 
 def _assert_close(a, b):

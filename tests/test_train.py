@@ -22,6 +22,8 @@ from simple_diffusion import sharding
 from simple_diffusion import train
 from simple_diffusion import train_step as train_step_lib
 
+from conftest import read_checkpoint_params  # pylint: disable=g-bad-import-order
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -71,12 +73,7 @@ def test_one_step_agrees_on_1_device_data_parallel_and_fsdp(tiny_config):
 
 
 def _params(workdir, step):
-    """Reads the params of checkpoint ``step`` as NumPy (restore-free: via orbax metadata)."""
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
-    return jax.tree.map(np.asarray, restored["state"]["params"])
+    return read_checkpoint_params(str(workdir), step)
 
 
 def _assert_trees_equal(a, b):
@@ -86,19 +83,8 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, fashion_mnist_dir):
-    """20 tiny steps in one go: checkpoints at 10 and 20."""
-    from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
-    config = load_config("tiny")
-    config.data.data_dir = fashion_mnist_dir
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    summary = train.train_and_evaluate(config, workdir)
-    return workdir, summary
-
-
-def test_straight_run_writes_checkpoints_samples_and_events(straight_run):
-    workdir, summary = straight_run
+def test_tiny_run_writes_checkpoints_samples_and_events(tiny_run):
+    workdir, summary = tiny_run
     assert summary["step"] == 20 and not summary["preempted"]
     assert np.isfinite(summary["metrics"]["loss"])
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
@@ -121,8 +107,8 @@ def test_straight_run_writes_checkpoints_samples_and_events(straight_run):
     assert "samples" in set(tags["images"]) | set(tags["tensors"])
 
 
-def test_resume_reproduces_the_straight_run_bitwise(straight_run, tiny_config, tmp_path):
-    workdir, _ = straight_run
+def test_resume_reproduces_the_tiny_run_bitwise(tiny_run, tiny_config, tmp_path):
+    workdir, _ = tiny_run
     config = tiny_config
     config.num_train_steps = 10
     # A constant learning rate does not depend on num_train_steps, so stopping
@@ -136,9 +122,9 @@ def test_resume_reproduces_the_straight_run_bitwise(straight_run, tiny_config, t
     _assert_trees_equal(_params(resumed, 10), _params(workdir, 10))
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(straight_run, tiny_config,
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(tiny_run, tiny_config,
                                                                 tmp_path):
-    src, _ = straight_run
+    src, _ = tiny_run
     workdir = str(tmp_path / "corrupt")
     shutil.copytree(src, workdir)
     state_dir = pathlib.Path(workdir, "checkpoints", "20", "state")
@@ -152,9 +138,9 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(straight_run, ti
     _assert_trees_equal(_params(workdir, 20), _params(src, 20))
 
 
-def test_incompatible_checkpoint_is_refused_with_a_clear_message(straight_run, tiny_config,
+def test_incompatible_checkpoint_is_refused_with_a_clear_message(tiny_run, tiny_config,
                                                                  tmp_path):
-    src, _ = straight_run
+    src, _ = tiny_run
     workdir = str(tmp_path / "incompatible")
     shutil.copytree(src, workdir)
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
@@ -167,8 +153,8 @@ def test_incompatible_checkpoint_is_refused_with_a_clear_message(straight_run, t
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
-def test_restore_onto_a_different_mesh(straight_run, tiny_config, tmp_path):
-    src, _ = straight_run
+def test_restore_onto_a_different_mesh(tiny_run, tiny_config, tmp_path):
+    src, _ = tiny_run
     workdir = str(tmp_path / "remesh")
     shutil.copytree(src, workdir)
     config = tiny_config
@@ -200,10 +186,10 @@ def test_bad_batch_size_fails_before_any_work(tiny_config, tmp_path):
     assert not workdir.exists()
 
 
-def test_sigterm_saves_and_resume_matches_straight_run(straight_run, fashion_mnist_dir, tmp_path):
+def test_sigterm_saves_and_resume_matches_tiny_run(tiny_run, fashion_mnist_dir, tmp_path):
     """A real process gets SIGTERM mid-run, checkpoints, exits 0; the resumed
     run ends with the same parameters as the uninterrupted one."""
-    src, _ = straight_run
+    src, _ = tiny_run
     workdir = tmp_path / "preempted"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8")
