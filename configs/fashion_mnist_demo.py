@@ -29,17 +29,17 @@ def get_config() -> ml_collections.ConfigDict:
     # the plain cosine schedule is the right one here.
     c.schedule = ml_collections.ConfigDict(dict(name="cosine", logsnr_min=-15.0, logsnr_max=15.0))
     c.batch_size = 64
-    c.num_train_steps = 1500
+    c.num_train_steps = 1200
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 100
     c.optimizer.schedule = "cosine"
     c.optimizer.final_lr_fraction = 0.1
     c.ema_decays = (0.999,)
-    c.sample.every_steps = 500
+    c.sample.every_steps = 400
     c.sample.num_images = 64
     c.sample.sampler = "ddpm"
     c.sample.num_steps = 128
     c.sample.guidance_scale = 1.0
     c.log_every_steps = 50
-    c.checkpoint_every_steps = 500
+    c.checkpoint_every_steps = 400
     return c

@@ -81,6 +81,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_every: int | None = None,
                  async_save: bool = True):
+        if "://" not in workdir:  # orbax needs absolute local paths.
+            workdir = os.path.abspath(workdir)
         self.directory = os.path.join(workdir, "checkpoints")
         self._workdir = workdir
         options = ocp.CheckpointManagerOptions(

@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_every_steps = 0          # ... plus every K-th step forever (0 = off).
     c.async_checkpoints = True
 
-    # jax.profiler trace of a few steps into <workdir>/profile (-1 = off).
+    # jax.profiler trace of a few steps into <workdir>/plugins/profile (-1 = off);
+    # view it in TensorBoard's profile tab or Perfetto (docs/benchmarks.md).
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))
     return c
 
@@ -85,6 +86,7 @@ def imagenet_config(resolution: int) -> ml_collections.ConfigDict:
     """
     c = base_config()
     c.model = presets.get_preset(f"imagenet{resolution}")
+    c.model.dtype = "bfloat16"  # bf16 compute, float32 params and statistics.
     c.data.name = "imagenet2012"
     c.data.split = "train"
     c.data.random_flip = True

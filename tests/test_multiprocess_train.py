@@ -30,7 +30,11 @@ def _train(workdir, data_dir, num_processes: int, steps: int, timeout: int = 420
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, "-m", "simple_diffusion.main", f"--config={REPO}/configs/tiny.py",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-           f"--config.num_train_steps={steps}", "--config.sample.every_steps=0"]
+           f"--config.num_train_steps={steps}", "--config.sample.every_steps=0",
+           # Adam turns float noise in near-zero gradients into lr-sized steps
+           # (lr * sign(g)); a large eps keeps updates ~ lr * g, so the two
+           # layouts can be compared at float32 tolerance.
+           "--config.optimizer.eps=1.0"]
     if num_processes > 1:
         port = _free_port()
         cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}"]

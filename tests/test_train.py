@@ -193,10 +193,11 @@ def test_sigterm_saves_and_resume_matches_tiny_run(tiny_run, fashion_mnist_dir, 
     workdir = tmp_path / "preempted"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # A relative --workdir (run from tmp_path), as users type it.
     cmd = [sys.executable, "-m", "simple_diffusion.main", f"--config={REPO}/configs/tiny.py",
-           f"--workdir={workdir}", f"--config.data.data_dir={fashion_mnist_dir}",
+           "--workdir=preempted", f"--config.data.data_dir={fashion_mnist_dir}",
            "--config.num_train_steps=20", "--config.sample.every_steps=0"]
-    proc = subprocess.Popen(cmd + ["--config.checkpoint_every_steps=1000"], env=env, cwd=REPO,
+    proc = subprocess.Popen(cmd + ["--config.checkpoint_every_steps=1000"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Wait until training is under way (the first log line at step 5), then preempt.
     deadline = time.time() + 240
@@ -212,7 +213,8 @@ def test_sigterm_saves_and_resume_matches_tiny_run(tiny_run, fashion_mnist_dir, 
     assert proc.returncode == 0, out[-3000:]
     steps = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
     assert len(steps) == 1 and 5 <= steps[0] < 20, (steps, out[-2000:])
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_trees_equal(_params(str(workdir), 20), _params(src, 20))
 
