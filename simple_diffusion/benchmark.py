@@ -188,6 +188,18 @@ def measure_matmul_peak(dtype: str = "float32", size: int = 0, repeats: int = 10
             "flops_per_cpu_second": flops / cpu_seconds if cpu_seconds > 0 else 0.0}
 
 
+def _compile_train_step(model, tx, config, mesh, state_sh, state, batch):
+    """The trainer's own jitted step, lowered and compiled; returns
+    (compiled, trace seconds, compile seconds)."""
+    jitted = train_step_lib.jit_train_step(model, tx, config, mesh, state_sh)
+    start = time.perf_counter()
+    lowered = jitted.lower(state, batch)
+    trace_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, trace_seconds, time.perf_counter() - start
+
+
 def synthetic_batch(config: ml_collections.ConfigDict, batch_sharding, seed: int = 0
                     ) -> dict[str, jax.Array]:
     """A global batch of random images in [-1, 1] and labels, placed like the trainer's."""
@@ -226,22 +238,12 @@ def benchmark_train_step(config: ml_collections.ConfigDict, *, repeats: int = 10
     mesh, model, tx, lr_schedule, logsnr_fn = _setup(config)
     batch_sh = sharding_lib.batch_sharding(mesh)
     abstract_state, state_sh = train_step_lib.state_shardings(model, tx, config, mesh)
-    init = jax.jit(lambda rng: train_step_lib.init_state(model, tx, config, rng),
-                   out_shardings=state_sh)
-    state = jax.block_until_ready(init(jax.random.key(config.seed)))
+    state = jax.block_until_ready(
+        train_step_lib.create_sharded_state(model, tx, config, state_sh))
     batch = synthetic_batch(config, batch_sh, config.seed)
 
-    step_fn = train_step_lib.make_train_step(model, tx, config, logsnr_fn, lr_schedule,
-                                             batch_sh)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, sharding_lib.replicated(mesh)),
-                     donate_argnums=(0,))
-    start = time.perf_counter()
-    lowered = jitted.lower(state, batch)
-    trace_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_seconds = time.perf_counter() - start
+    compiled, trace_seconds, compile_seconds = _compile_train_step(
+        model, tx, config, mesh, state_sh, state, batch)
 
     start = time.perf_counter()
     state, metrics = compiled(state, batch)
@@ -310,17 +312,8 @@ def analyze_train_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                       sharding=batch_sh),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh),
     }
-    step_fn = train_step_lib.make_train_step(model, tx, config, logsnr_fn, lr_schedule,
-                                             batch_sh)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, sharding_lib.replicated(mesh)),
-                     donate_argnums=(0,))
-    start = time.perf_counter()
-    lowered = jitted.lower(state, batch)
-    trace_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_seconds = time.perf_counter() - start
+    compiled, trace_seconds, compile_seconds = _compile_train_step(
+        model, tx, config, mesh, state_sh, state, batch)
     return {
         "batch_size": config.batch_size,
         "num_params": int(sum(x.size for x in jax.tree.leaves(abstract_state["params"]))),

@@ -32,7 +32,6 @@ from simple_diffusion import input_pipeline
 from simple_diffusion import models
 from simple_diffusion import optimizer as optimizer_lib
 from simple_diffusion import sampling
-from simple_diffusion import schedules
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
 from simple_diffusion.evaluation import evaluator as evaluator_lib
@@ -126,9 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  jax.device_count(), dict(mesh.shape))
 
     model = models.create_model(config.model)
-    lr_schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
     tx = optimizer_lib.make_optimizer(config.optimizer, config.num_train_steps)
-    logsnr_fn = schedules.get_logsnr_fn(**config.schedule)
 
     abstract_state, state_sh = train_step_lib.state_shardings(model, tx, config, mesh)
     logging.info("Train state: %.1f MiB per device.",
@@ -152,11 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         parameter_overview.log_parameter_overview(state["params"])
     writer.write_hparams({"num_params": sum(x.size for x in jax.tree.leaves(state["params"]))})
 
-    step_fn = train_step_lib.make_train_step(model, tx, config, logsnr_fn, lr_schedule,
-                                             batch_sharding)
-    p_train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding),
-                           out_shardings=(state_sh, sharding_lib.replicated(mesh)),
-                           donate_argnums=(0,))
+    p_train_step = train_step_lib.jit_train_step(model, tx, config, mesh, state_sh)
 
     sample_fn = None
     if config.sample.every_steps:

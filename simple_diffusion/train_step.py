@@ -20,6 +20,8 @@ import ml_collections
 import optax
 
 from simple_diffusion import losses
+from simple_diffusion import optimizer as optimizer_lib
+from simple_diffusion import schedules
 from simple_diffusion import sharding as sharding_lib
 
 State = dict[str, Any]
@@ -208,3 +210,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   shardings: State) -> Callable:
+    """The train step jitted with explicit shardings and the state donated
+    (updated in place: no second copy of params, Adam moments and EMA)."""
+    lr_schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
+    logsnr_fn = schedules.get_logsnr_fn(**config.schedule)
+    batch_sh = sharding_lib.batch_sharding(mesh)
+    step = make_train_step(model, tx, config, logsnr_fn, lr_schedule, batch_sh)
+    return jax.jit(step, in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                   donate_argnums=(0,))
