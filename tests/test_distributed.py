@@ -93,7 +93,7 @@ def _run_two(args_and_envs) -> list[dict]:
     return reports
 
 
-def _check_joined(reports):
+def _assert_joined(reports):
     assert [r["process_index"] for r in reports] == [0, 1]
     for r in reports:
         assert r["first"] is True and r["again"] is True
@@ -110,7 +110,7 @@ def _check_joined(reports):
 def test_two_processes_from_explicit_arguments():
     address = f"127.0.0.1:{_free_port()}"
     env = _base_env()
-    _check_joined(_run_two([(("flags", "0", address), env), (("flags", "1", address), env)]))
+    _assert_joined(_run_two([(("flags", "0", address), env), (("flags", "1", address), env)]))
 
 
 def test_two_processes_from_environment_variables():
@@ -125,7 +125,7 @@ def test_two_processes_from_environment_variables():
         key = distributed.COORDINATOR_ENV if pid == 0 else "JAX_COORDINATOR_ADDRESS"
         env[key] = f"127.0.0.1:{port}"
         envs.append((("env", str(pid)), env))
-    _check_joined(_run_two(envs))
+    _assert_joined(_run_two(envs))
 
 
 def test_two_processes_auto_detected_from_slurm_environment():
@@ -145,7 +145,7 @@ def test_two_processes_auto_detected_from_slurm_environment():
             env[distributed.COORDINATOR_ENV] = f"127.0.0.1:{port}"
             env[distributed.NUM_PROCESSES_ENV] = "2"
         envs.append((("env", str(pid)), env))
-    _check_joined(_run_two(envs))
+    _assert_joined(_run_two(envs))
 
 
 @pytest.fixture(name="clean_env")

@@ -95,7 +95,7 @@ def _perfect_model(x, prediction):
     return model_fn
 
 
-def _check_against_rederivation(prediction, weighting):
+def _assert_matches_rederivation(prediction, weighting):
     x = _images()
     calls = []
     loss, metrics = losses.diffusion_loss(
@@ -115,12 +115,12 @@ def _check_against_rederivation(prediction, weighting):
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_parametrizations_match_float64_rederivation(prediction):
     # v-MSE reads both x_hat and eps_hat, so it checks both conversions.
-    _check_against_rederivation(prediction, "v_mse")
+    _assert_matches_rederivation(prediction, "v_mse")
 
 
 @pytest.mark.parametrize("weighting", losses.WEIGHTINGS)
 def test_weightings_match_float64_rederivation(weighting):
-    _check_against_rederivation("v", weighting)
+    _assert_matches_rederivation("v", weighting)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
