@@ -188,7 +188,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
             metrics = jax.tree.map(lambda m: m / accum, metrics)
             loss = metrics["loss"]
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
