@@ -102,6 +102,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def resolve_step(self, step: int | None) -> int:
+        """``step`` if it exists, the latest step if None; else FileNotFoundError."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(
+                f"No checkpoint {'' if step is None else step} in {self.directory} "
+                f"(available: {self.all_steps()}).")
+        return step
+
     def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
         """Starts an (async) save of ``state`` at ``step``; no-op if it exists."""
         if step in self._manager.all_steps():

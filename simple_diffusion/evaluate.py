@@ -59,10 +59,7 @@ def main(argv):
         raise app.UsageError("--feature=inception_v3 needs --inception_weights (see "
                              "docs/evaluation.md for converting pt_inception-2015-12-05).")
     ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
-    step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.all_steps():
-        raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in "
-                                f"{ckpt.directory} (available: {ckpt.all_steps()}).")
+    step = ckpt.resolve_step(_STEP.value)
     mesh = sharding_lib.create_mesh(-1, 1)
     model = models.create_model(config.model)
     abstract, _ = train_step_lib.sharded_abstract_params(model, config, mesh)

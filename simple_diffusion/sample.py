@@ -52,11 +52,7 @@ def main(argv):
         raise app.UsageError(
             f"--sampler={_SAMPLER.value!r}; use one of {config_validation.SAMPLERS}.")
     ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
-    step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.all_steps():
-        raise FileNotFoundError(
-            f"No checkpoint {'' if step is None else step} in {ckpt.directory} "
-            f"(available: {ckpt.all_steps()}).")
+    step = ckpt.resolve_step(_STEP.value)
     mesh = sharding_lib.create_mesh(-1, 1)
     abstract, _ = train_step_lib.sharded_abstract_params(
         models.create_model(config.model), config, mesh)
