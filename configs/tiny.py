@@ -19,8 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.in_channels = 1
     c.model.num_classes = 10
     c.data.name = "fashion_mnist_local"
-    c.schedule = ml_collections.ConfigDict(dict(
-        name="cosine_shifted", image_d=32, noise_d=64, logsnr_min=-15.0, logsnr_max=15.0))
+    c.schedule.name = "cosine_shifted"
+    c.schedule.image_d = 32
+    c.schedule.noise_d = 64
     c.loss.multiscale_min_res = 8
     c.batch_size = 16
     c.num_train_steps = 20

@@ -7,11 +7,19 @@ each value.
 
 import ml_collections
 
-from simple_diffusion.models import presets
+from simple_diffusion import losses
+from simple_diffusion import samplers
+from simple_diffusion import schedules
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Returns the default config. Config files override fields and set ``model``."""
+    """Returns the default config. Config files (via ``recipes``) override fields and set ``model``.
+
+    ``schedule``, ``loss`` and the sampler fields of ``sample`` and ``eval``
+    declare the fields of every family (``schedules.CONFIG_DEFAULTS``,
+    ``losses.CONFIG_DEFAULTS``, ``samplers.SamplerOptions``), so switching
+    family on the command line needs no new keys; each family reads only its own.
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.batch_size = 64  # Global batch over all devices and processes.
@@ -29,13 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
         prefetch=2,
     ))
 
-    # t -> logSNR (t = 1 is noise). See simple_diffusion/schedules.py.
-    c.schedule = ml_collections.ConfigDict(dict(
-        name="cosine_shifted", image_d=64, noise_d=64, logsnr_min=-15.0, logsnr_max=15.0))
+    # t -> logSNR (t = 1 is noise); `name` picks the family. See schedules.py.
+    c.schedule = ml_collections.ConfigDict(dict(schedules.CONFIG_DEFAULTS))
 
-    # Keyword arguments of losses.diffusion_loss.
-    c.loss = ml_collections.ConfigDict(dict(
-        prediction="v", weighting="eps_mse", noise_sampling="stratified", multiscale_min_res=0))
+    # Parametrisation, weighting and noise sampling; see losses.py.
+    c.loss = ml_collections.ConfigDict(dict(losses.CONFIG_DEFAULTS))
 
     c.cond_drop_prob = 0.1  # Label dropout to the null class, for guidance.
 
@@ -47,19 +53,19 @@ def base_config() -> ml_collections.ConfigDict:
     # Device mesh: -1 fills in the remaining devices. fsdp > 1 shards params.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-    # Sample grids during training (EMA params of ema_decays[0]).
+    # Sample grids during training (EMA params of ema_decays[0]); the sampler
+    # fields are samplers.SamplerOptions.
     c.sample = ml_collections.ConfigDict(dict(
-        every_steps=1000, num_images=64, sampler="ddpm", num_steps=256,
-        guidance_scale=0.0, clip_x=True))
+        every_steps=1000, num_images=64, **samplers.config_fields()))
 
     # Sample-quality evaluation (simple_diffusion/evaluate.py), EMA params of
     # ema_decays[0]. 'effnet_lite0' reports fd_effnet_lite0 / kid_effnet_lite0;
     # 'inception_v3' (needs the converted pt_inception weights) reports FID/IS.
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=0, num_samples=1000, num_reference=2000, reference_split="test",
-        sampler="ddpm", num_steps=128, guidance_scale=0.0, feature="effnet_lite0",
+        feature="effnet_lite0",
         inception_weights=ml_collections.FieldReference(None, field_type=str), seed=0,
-        batch_size=256))
+        batch_size=256, **dict(samplers.config_fields(), num_steps=128)))
 
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
@@ -70,45 +76,4 @@ def base_config() -> ml_collections.ConfigDict:
     # jax.profiler trace of a few steps into <workdir>/plugins/profile (-1 = off);
     # view it in TensorBoard's profile tab or Perfetto (docs/benchmarks.md).
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))
-    return c
-
-
-def imagenet_config(resolution: int) -> ml_collections.ConfigDict:
-    """The simple diffusion recipe for class-conditional ImageNet at ``resolution``.
-
-    Shifted cosine schedule with reference resolution 64 (logSNR + 2 log(64/d)),
-    v-prediction trained with the unweighted eps-MSE, the multiscale loss from
-    32x32 up at resolutions >= 256 (it helps there and slightly hurts at low
-    resolution, paper Table 6), the U-ViT preset ``imagenet<resolution>``,
-    label dropout for guidance, EMA 0.9999 and batch 2048 (the paper's 500K x
-    2048 at 256). Learning rate and EMA decay are not in the paper (paper.md §8).
-    FSDP over 8 devices for the ~2B-parameter 256/512 models.
-    """
-    c = base_config()
-    c.model = presets.get_preset(f"imagenet{resolution}")
-    c.model.dtype = "bfloat16"  # bf16 compute, float32 params and statistics.
-    c.data.name = "imagenet2012"
-    c.data.split = "train"
-    c.data.random_flip = True
-    c.schedule = ml_collections.ConfigDict(dict(
-        name="cosine_shifted", image_d=resolution, noise_d=64, logsnr_min=-15.0,
-        logsnr_max=15.0))
-    c.loss.multiscale_min_res = 32 if resolution >= 256 else 0
-    c.batch_size = 2048
-    c.num_train_steps = 500_000
-    c.optimizer.learning_rate = 1e-4
-    c.optimizer.warmup_steps = 10_000
-    c.ema_decays = (0.9999,)
-    c.mesh.fsdp = 8 if resolution >= 256 else 1
-    c.sample.every_steps = 10_000
-    c.sample.num_images = 64
-    c.sample.num_steps = 256
-    c.sample.guidance_scale = 4.0  # The paper's figures use guidance 4.
-    c.eval.reference_split = "validation"
-    c.eval.num_samples = 10_000
-    c.eval.num_reference = 10_000
-    c.eval.num_steps = 256
-    c.log_every_steps = 100
-    c.checkpoint_every_steps = 5_000
-    c.keep_every_steps = 50_000
     return c

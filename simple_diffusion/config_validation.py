@@ -1,11 +1,14 @@
 """Checks a run's config before any work starts, with messages that say the fix."""
 
+import math
+
 import ml_collections
 
+from simple_diffusion import losses
+from simple_diffusion import parametrization
+from simple_diffusion import samplers
+from simple_diffusion import schedules
 from simple_diffusion import sharding
-
-PREDICTIONS = ("eps", "x", "v", "edm")
-SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 
 
 class ConfigError(ValueError):
@@ -53,35 +56,23 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     m = config.model
     _check("name" in m, "config.model is empty: set it from models.presets.get_preset(...).")
     _check(m.image_size > 0, f"config.model.image_size={m.image_size} must be positive.")
-    if config.schedule.name in ("cosine_shifted", "cosine_interpolated"):
-        _check(config.schedule.image_d == m.image_size,
-               f"config.schedule.image_d={config.schedule.image_d} differs from "
-               f"config.model.image_size={m.image_size}; the SNR shift must use the trained "
-               f"resolution. Set --config.schedule.image_d={m.image_size}.")
-    _check(config.loss.prediction in PREDICTIONS,
-           f"config.loss.prediction={config.loss.prediction!r}; use one of {PREDICTIONS}.")
-    ms = config.loss.get("multiscale_min_res", 0)
-    if ms:
-        _check(ms & (ms - 1) == 0 and ms <= m.image_size,
-               f"config.loss.multiscale_min_res={ms} must be a power of two <= image size "
-               f"{m.image_size} (or 0 to disable the multiscale loss).")
+    _validate_schedule(config.schedule, m.image_size)
+    _validate_loss(config.loss, config.schedule, m.image_size)
     _check(0.0 <= config.cond_drop_prob < 1.0,
            f"config.cond_drop_prob={config.cond_drop_prob} must be in [0, 1).")
+    _check(len(config.ema_decays) >= 1, "config.ema_decays needs at least one decay.")
     for d in config.ema_decays:
         _check(0.0 < d < 1.0, f"config.ema_decays has {d}; each decay must be in (0, 1).")
-    _check(len(config.ema_decays) >= 1, "config.ema_decays needs at least one decay.")
-    _check(config.optimizer.learning_rate > 0,
-           f"config.optimizer.learning_rate={config.optimizer.learning_rate} must be > 0.")
+    _validate_optimizer(config.optimizer)
     s = config.sample
-    _check(s.sampler in SAMPLERS, f"config.sample.sampler={s.sampler!r}; use one of {SAMPLERS}.")
     if s.every_steps:
+        validate_sampler(s, "config.sample", config.schedule)
         _check(s.num_images % num_devices == 0,
                f"config.sample.num_images={s.num_images} must be a multiple of the {num_devices} "
                "devices (samples are generated sharded over all devices).")
-        _check(s.num_steps >= 1, f"config.sample.num_steps={s.num_steps} must be >= 1.")
     e = config.eval
     if e.every_steps:
-        _check(e.sampler in SAMPLERS, f"config.eval.sampler={e.sampler!r}; use one of {SAMPLERS}.")
+        validate_sampler(e, "config.eval", config.schedule)
         _check(e.feature in ("effnet_lite0", "inception_v3"),
                f"config.eval.feature={e.feature!r}; use 'effnet_lite0' or 'inception_v3'.")
         _check(e.feature != "inception_v3" or bool(e.inception_weights),
@@ -89,6 +80,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                "(the converted pt_inception-2015-12-05 weights, docs/evaluation.md).")
         _check(e.num_samples >= 2 and e.num_reference >= 2,
                "config.eval.num_samples and num_reference must be >= 2.")
+    _check(config.data.prefetch >= 0,
+           f"config.data.prefetch={config.data.prefetch} must be >= 0 (0 = no prefetching).")
     _check(config.log_every_steps > 0, "config.log_every_steps must be > 0.")
     _check(config.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be > 0.")
     _check(config.keep_checkpoints >= 1, "config.keep_checkpoints must be >= 1.")
@@ -97,3 +90,95 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     if config.data.source == "folder":
         _check(bool(config.data.folder), "config.data.source='folder' needs --config.data.folder=PATH.")
     return mesh_shape
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _validate_schedule(schedule: ml_collections.ConfigDict, image_size: int) -> None:
+    """The named schedule builds, its fields are valid and its logSNR decreases in t."""
+    _check(schedule.name in schedules.NAMES,
+           f"config.schedule.name={schedule.name!r}; use one of {schedules.NAMES}.")
+    if schedule.name in ("cosine_shifted", "cosine_interpolated"):
+        _check(schedule.image_d == image_size,
+               f"config.schedule.image_d={schedule.image_d} differs from "
+               f"config.model.image_size={image_size}; the SNR shift must use the trained "
+               f"resolution. Set --config.schedule.image_d={image_size}.")
+    try:
+        logsnr_fn = schedules.from_config(schedule)
+        lo, hi = schedules.logsnr_range(logsnr_fn)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"config.schedule (name={schedule.name!r}) is invalid: {e}") from None
+    _check(math.isfinite(lo) and math.isfinite(hi) and hi > lo,
+           f"config.schedule (name={schedule.name!r}) gives logSNR {hi} at t=0 and {lo} at t=1; "
+           "it must be finite and decrease from t=0 (data) to t=1 (noise). Check its fields.")
+
+
+def _validate_loss(loss: ml_collections.ConfigDict, schedule: ml_collections.ConfigDict,
+                   image_size: int) -> None:
+    """Every loss field is valid for its family, before anything is traced."""
+    _check(loss.prediction in parametrization.PREDICTIONS,
+           f"config.loss.prediction={loss.prediction!r}; use one of "
+           f"{parametrization.PREDICTIONS}.")
+    _check(loss.weighting in losses.WEIGHTINGS,
+           f"config.loss.weighting={loss.weighting!r}; use one of {losses.WEIGHTINGS}.")
+    _check(loss.noise_sampling in losses.NOISE_SAMPLINGS,
+           f"config.loss.noise_sampling={loss.noise_sampling!r}; use one of "
+           f"{losses.NOISE_SAMPLINGS}.")
+    if loss.noise_sampling == "discrete":
+        _check(schedules.num_timesteps_from_config(schedule) is not None,
+               "config.loss.noise_sampling='discrete' draws DDPM timesteps k/T: it needs a "
+               f"ddpm_* schedule, not config.schedule.name={schedule.name!r}.")
+    if loss.noise_sampling == "edm_lognormal":
+        _check(_finite(loss.p_mean) and _finite(loss.p_std) and loss.p_std > 0,
+               f"config.loss.p_mean={loss.p_mean}, p_std={loss.p_std}: need finite values "
+               "and p_std > 0.")
+    if loss.weighting == "sigmoid":
+        _check(_finite(loss.sigmoid_bias),
+               f"config.loss.sigmoid_bias={loss.sigmoid_bias} must be finite.")
+        _check(loss.sigmoid_bias_ref_d >= 0,
+               f"config.loss.sigmoid_bias_ref_d={loss.sigmoid_bias_ref_d} must be >= 0 (0: the "
+               "bias is used as given; r > 0: given at resolution r, shifted by 2 log(r / d)).")
+    if loss.weighting == "min_snr":
+        _check(_finite(loss.min_snr_gamma) and loss.min_snr_gamma > 0,
+               f"config.loss.min_snr_gamma={loss.min_snr_gamma} must be > 0.")
+    if "edm" in (loss.prediction, loss.weighting):
+        _check(_finite(loss.sigma_data) and loss.sigma_data > 0,
+               f"config.loss.sigma_data={loss.sigma_data} must be > 0.")
+    ms = loss.multiscale_min_res
+    if ms:
+        _check(ms > 0 and ms & (ms - 1) == 0 and ms <= image_size,
+               f"config.loss.multiscale_min_res={ms} must be a power of two <= image size "
+               f"{image_size} (or 0 to disable the multiscale loss).")
+
+
+def _validate_optimizer(o: ml_collections.ConfigDict) -> None:
+    _check(_finite(o.learning_rate) and o.learning_rate > 0,
+           f"config.optimizer.learning_rate={o.learning_rate} must be > 0.")
+    _check(o.warmup_steps >= 0, f"config.optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
+    for name in ("b1", "b2"):
+        value = o[name]
+        _check(_finite(value) and 0.0 <= value < 1.0,
+               f"config.optimizer.{name}={value} must be in [0, 1) (Adam's decay rate).")
+    _check(_finite(o.eps) and o.eps > 0, f"config.optimizer.eps={o.eps} must be > 0.")
+    _check(_finite(o.weight_decay) and o.weight_decay >= 0,
+           f"config.optimizer.weight_decay={o.weight_decay} must be >= 0.")
+    _check(_finite(o.grad_clip_norm) and o.grad_clip_norm >= 0,
+           f"config.optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0 = off).")
+    _check(_finite(o.final_lr_fraction) and 0.0 <= o.final_lr_fraction <= 1.0,
+           f"config.optimizer.final_lr_fraction={o.final_lr_fraction} must be in [0, 1].")
+
+
+def validate_sampler(section: ml_collections.ConfigDict, where: str,
+                     schedule: ml_collections.ConfigDict) -> samplers.SamplerOptions:
+    """The validated `SamplerOptions` of ``section`` (e.g. ``config.sample``) for a
+    run trained with ``schedule``; raises ConfigError naming ``<where>.<field>``."""
+    try:
+        options = samplers.SamplerOptions.from_config(section).validate(where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check(options.spacing == "uniform" or schedules.num_timesteps_from_config(schedule),
+           f"{where}.spacing={options.spacing!r} needs a discrete ddpm_* schedule, not "
+           f"config.schedule.name={schedule.name!r}.")
+    return options

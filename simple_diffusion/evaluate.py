@@ -4,16 +4,21 @@ r"""Sample-quality evaluation of a run: Fréchet distance and KID (and FID/IS).
       [--num_samples=1000] [--sampler=ddpm] [--steps=128] [--guidance=1.0] \
       [--feature=effnet_lite0 | --feature=inception_v3 --inception_weights=pt_inception.npz]
 
-Generates samples from the EMA weights, embeds them and the reference split of
-the run's dataset (``config.eval.reference_split``, statistics cached in
-``<workdir>/eval/``), and writes ``<workdir>/eval/step_<N>.json`` plus
-TensorBoard scalars ``eval/<metric>``. Without the standard InceptionV3 weights
-(no registry ships them) the metric is the Fréchet distance on
-EfficientNet-Lite0 features, reported as ``fd_effnet_lite0``, never as "FID".
-The trainer runs the same evaluation every ``config.eval.every_steps``.
+Every sampler option is a flag (simple_diffusion/sampler_flags.py, e.g.
+--guidance_logsnr_min/max for a guidance interval); unset flags take the run's
+``config.eval``. Generates samples from the EMA weights, embeds them and the
+reference split of the run's dataset (``config.eval.reference_split``,
+statistics cached in ``<workdir>/eval/``), and writes
+``<workdir>/eval/step_<N>.json`` plus TensorBoard scalars ``eval/<metric>``.
+Without the standard InceptionV3 weights (no registry ships them) the metric is
+the Fréchet distance on EfficientNet-Lite0 features, reported as
+``fd_effnet_lite0``, never as "FID". The trainer runs the same evaluation every
+``config.eval.every_steps``.
 """
 
+import dataclasses
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -22,8 +27,10 @@ from clu import metric_writers
 import jax
 
 from simple_diffusion import checkpointing
+from simple_diffusion import config_validation
 from simple_diffusion import distributed
 from simple_diffusion import models
+from simple_diffusion import sampler_flags
 from simple_diffusion import sampling
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
@@ -34,44 +41,56 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, che
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Default: config.eval.num_samples.")
 _NUM_REFERENCE = flags.DEFINE_integer("num_reference", None, "Default: config.eval.num_reference.")
-_SAMPLER = flags.DEFINE_string("sampler", None, "Default: config.eval.sampler.")
-_STEPS = flags.DEFINE_integer("steps", None, "Default: config.eval.num_steps.")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "Default: config.eval.guidance_scale.")
 _FEATURE = flags.DEFINE_enum("feature", None, ["effnet_lite0", "inception_v3"],
                              "Default: config.eval.feature.")
 _INCEPTION = flags.DEFINE_string("inception_weights", None,
                                  "Converted pt_inception weights (.npz or the .pth).")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    distributed.initialize()
+def run() -> dict:
+    """Evaluates as the flags say; returns the step and the metrics."""
     config = sampling.load_run_config(_WORKDIR.value)
+    options = sampler_flags.options_from_flags(config, "eval")
     overrides = dict(num_samples=_NUM_SAMPLES.value, num_reference=_NUM_REFERENCE.value,
-                     sampler=_SAMPLER.value, num_steps=_STEPS.value,
-                     guidance_scale=_GUIDANCE.value, feature=_FEATURE.value,
-                     inception_weights=_INCEPTION.value)
+                     feature=_FEATURE.value, inception_weights=_INCEPTION.value,
+                     **dataclasses.asdict(options))
     for key, value in overrides.items():
         if value is not None:
             config.eval[key] = value
+    for key in ("num_samples", "num_reference"):
+        if config.eval[key] < 2:
+            raise ValueError(f"--{key}={config.eval[key]} must be >= 2 (Fréchet distance needs "
+                             "a covariance).")
     if config.eval.feature == "inception_v3" and not config.eval.get("inception_weights"):
-        raise app.UsageError("--feature=inception_v3 needs --inception_weights (see "
-                             "docs/evaluation.md for converting pt_inception-2015-12-05).")
+        raise ValueError("--feature=inception_v3 needs --inception_weights (see "
+                         "docs/evaluation.md for converting pt_inception-2015-12-05).")
     ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
-    step = ckpt.resolve_step(_STEP.value)
-    mesh = sharding_lib.create_mesh(-1, 1)
-    model = models.create_model(config.model)
-    abstract, _ = train_step_lib.sharded_abstract_params(model, config, mesh)
-    params = ckpt.restore_params(step, abstract, ema_index=0)
-    ckpt.close()
+    try:
+        step = ckpt.resolve_step(_STEP.value)
+        mesh = sharding_lib.create_mesh(-1, 1)
+        model = models.create_model(config.model)
+        abstract, _ = train_step_lib.sharded_abstract_params(model, config, mesh)
+        params = ckpt.restore_params(step, abstract, ema_index=0)
+    finally:
+        ckpt.close()
     results = evaluator_lib.Evaluator(config, mesh, _WORKDIR.value, model=model)(params, step)
     writer = metric_writers.create_default_writer(
         _WORKDIR.value, just_logging=jax.process_index() > 0)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
     writer.close()
     logging.info("Step %d: %s", step, results)
-    print(json.dumps({"step": step, **results}))
+    return {"step": step, **results}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    distributed.initialize()
+    try:
+        print(json.dumps(run()))
+    except (config_validation.ConfigError, ValueError, FileNotFoundError) as e:
+        # Expected errors (flags, config, checkpoint, data): one line, no traceback.
+        sys.exit(f"evaluate: error: {e}")
 
 
 if __name__ == "__main__":

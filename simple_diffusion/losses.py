@@ -11,8 +11,13 @@ and v = alpha * eps - sigma * x:
   'x_mse'         x_hat, x       1
   'snr_plus_one'  x_hat, x       1 + SNR                          equal to 'v_mse'
   'min_snr'       x_hat, x       min(SNR, gamma)                  Hang et al. 2023
-  'sigmoid'       eps_hat, eps   sigmoid(b - logsnr)              SiD2 / VDM++
+  'sigmoid'       eps_hat, eps   sigmoid(b - logsnr)              SiD2 / VDM++ (see below)
   'edm'           x_hat, x       (s^2 + sd^2) / (s sd)^2          Karras et al., s = exp(-logsnr/2)
+
+SiD2 shifts the sigmoid's bias with the resolution like the schedule: with
+``sigmoid_bias_ref_d = r`` (config) the bias b is given at reference resolution
+r and used at image size d as b + 2 log(r / d) (`sigmoid_bias_at`), so the
+weighting keeps its place relative to a schedule shifted by the same amount.
 
 The multiscale loss (simple diffusion section 3.2) replaces the per-pixel MSE by
 sum_s w_s * MSE(D_s[pred], D_s[target]) over block-average poolings D_s to the
@@ -25,6 +30,8 @@ pooling before or after the subtraction is the same.
 
 from typing import Callable
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -32,7 +39,38 @@ from simple_diffusion import parametrization
 from simple_diffusion import schedules
 
 WEIGHTINGS = ("eps_mse", "v_mse", "x_mse", "snr_plus_one", "min_snr", "sigmoid", "edm")
-NOISE_SAMPLINGS = ("uniform", "stratified", "edm_lognormal")
+NOISE_SAMPLINGS = ("uniform", "stratified", "discrete", "edm_lognormal")
+
+# ``config.loss`` fields and their defaults (every weighting's fields are declared,
+# so --config.loss.weighting=sigmoid --config.loss.sigmoid_bias=-3 just works).
+CONFIG_DEFAULTS = dict(
+    prediction="v", weighting="eps_mse", noise_sampling="stratified", multiscale_min_res=0,
+    sigmoid_bias=0.0, sigmoid_bias_ref_d=0, min_snr_gamma=5.0, sigma_data=0.5, p_mean=-1.2,
+    p_std=1.2)
+
+
+def sigmoid_bias_at(bias: float, image_d: int, ref_d: int) -> float:
+    """The sigmoid weighting's bias at image size ``image_d`` for a bias given at
+    reference resolution ``ref_d`` (0: no shift): b + 2 log(ref_d / image_d)."""
+    if not ref_d:
+        return float(bias)
+    return float(bias) + 2.0 * math.log(ref_d / image_d)
+
+
+def kwargs_from_config(loss_config, *, image_size: int, num_timesteps: int | None) -> dict:
+    """Keyword arguments of `diffusion_loss` (besides model_fn, x, rng, logsnr_fn)
+    from ``config.loss``, with the sigmoid bias resolved for ``image_size``.
+
+    Fields missing from ``loss_config`` (configs of older runs) take the defaults.
+    ``num_timesteps`` is the T of a discrete DDPM schedule (for 'discrete').
+    """
+    c = {**CONFIG_DEFAULTS, **dict(loss_config)}
+    return dict(
+        prediction=c["prediction"], weighting=c["weighting"], noise_sampling=c["noise_sampling"],
+        multiscale_min_res=c["multiscale_min_res"],
+        sigmoid_bias=sigmoid_bias_at(c["sigmoid_bias"], image_size, c["sigmoid_bias_ref_d"]),
+        min_snr_gamma=c["min_snr_gamma"], sigma_data=c["sigma_data"], p_mean=c["p_mean"],
+        p_std=c["p_std"], num_timesteps=num_timesteps)
 
 
 def block_average_pool(x: jax.Array, factor: int) -> jax.Array:
@@ -74,11 +112,13 @@ def multiscale_factors(height: int, width: int, min_res: int) -> list[int]:
 
 def sample_logsnr(rng: jax.Array, batch_size: int, noise_sampling: str,
                   logsnr_fn: Callable[[jax.Array], jax.Array] | None,
-                  p_mean: float = -1.2, p_std: float = 1.2) -> jax.Array:
+                  p_mean: float = -1.2, p_std: float = 1.2,
+                  num_timesteps: int | None = None) -> jax.Array:
     """Training noise levels, float32 [batch_size].
 
     'uniform': t ~ U[0, 1). 'stratified': t_i = (u + i / B) mod 1 with one shared
-    u (one point per stratum, as VDM's antithetic sampling). 'edm_lognormal':
+    u (one point per stratum, as VDM's antithetic sampling). 'discrete': DDPM's
+    t = k / T with k ~ U{1, ..., T} (needs num_timesteps). 'edm_lognormal':
     ln sigma_ve ~ N(p_mean, p_std^2), logsnr = -2 ln sigma_ve (logsnr_fn unused).
     """
     if noise_sampling == "edm_lognormal":
@@ -89,6 +129,11 @@ def sample_logsnr(rng: jax.Array, batch_size: int, noise_sampling: str,
         raise ValueError(f"noise_sampling={noise_sampling!r} needs a logsnr_fn")
     if noise_sampling == "uniform":
         t = jax.random.uniform(rng, (batch_size,), jnp.float32)
+    elif noise_sampling == "discrete":
+        if not num_timesteps:
+            raise ValueError("noise_sampling='discrete' needs num_timesteps (a ddpm_* schedule)")
+        k = jax.random.randint(rng, (batch_size,), 1, num_timesteps + 1)
+        t = k.astype(jnp.float32) / num_timesteps
     else:
         u = jax.random.uniform(rng, (), jnp.float32)
         t = jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
@@ -133,8 +178,8 @@ def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax
                    prediction: str = "v", weighting: str = "eps_mse",
                    noise_sampling: str = "uniform", multiscale_min_res: int = 0,
                    sigmoid_bias: float = 0.0, min_snr_gamma: float = 5.0,
-                   sigma_data: float = 0.5, p_mean: float = -1.2,
-                   p_std: float = 1.2) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
+                   num_timesteps: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Monte Carlo diffusion loss for one batch.
 
     Args:
@@ -146,12 +191,13 @@ def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax
       logsnr_fn: schedule t -> logsnr (unused with 'edm_lognormal').
       prediction: 'eps' | 'x' | 'v' | 'edm'.
       weighting: one of WEIGHTINGS.
-      noise_sampling: 'uniform' | 'stratified' | 'edm_lognormal'.
+      noise_sampling: one of NOISE_SAMPLINGS.
       multiscale_min_res: 0 = off; else the lowest pyramid resolution.
       sigmoid_bias: b of the 'sigmoid' weighting.
       min_snr_gamma: gamma of 'min_snr'.
       sigma_data: EDM sigma_data (for 'edm' prediction and weighting).
       p_mean, p_std: EDM log-normal noise parameters.
+      num_timesteps: T of a discrete schedule, for noise_sampling='discrete'.
 
     Returns:
       (loss, metrics): loss is a float32 scalar; metrics has 'loss' and, when
@@ -161,7 +207,7 @@ def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax
     batch, height, width, _ = x.shape
     factors = multiscale_factors(height, width, multiscale_min_res)
     t_rng, eps_rng = jax.random.split(rng)
-    logsnr = sample_logsnr(t_rng, batch, noise_sampling, logsnr_fn, p_mean, p_std)
+    logsnr = sample_logsnr(t_rng, batch, noise_sampling, logsnr_fn, p_mean, p_std, num_timesteps)
     eps = jax.random.normal(eps_rng, x.shape, jnp.float32)
     logsnr_b = logsnr[:, None, None, None]
     alpha, sigma = schedules.alpha_sigma(logsnr_b)

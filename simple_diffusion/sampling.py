@@ -5,6 +5,7 @@ sampler loop itself (``samplers.sample``) is a ``lax.scan``: one compile per
 (sampler, step count, batch shape).
 """
 
+import dataclasses
 import io
 import json
 from typing import Any, Callable
@@ -17,7 +18,6 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from simple_diffusion import config_validation
 from simple_diffusion import models
 from simple_diffusion import samplers
 from simple_diffusion import schedules
@@ -25,41 +25,44 @@ from simple_diffusion import sharding as sharding_lib
 
 
 def make_sample_fn(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   *, sampler: str, num_steps: int, guidance_scale: float = 0.0,
-                   clip_x: bool = True, **sampler_kwargs) -> Callable:
+                   options: samplers.SamplerOptions) -> Callable:
     """Builds ``sample_fn(params, rng, labels) -> images``.
+
+    The sampler follows the run's trained schedule (``config.schedule``):
+    ddpm/ddim walk its t grid, euler/heun take their sigma range from it.
 
     Args:
       model: the Flax module.
-      config: the run config (model, schedule, loss.prediction).
+      config: the run config (model, schedule, loss.prediction, loss.sigma_data).
       mesh: device mesh; the batch of samples is sharded over all devices.
-      sampler: 'ddpm' | 'ddim' | 'euler' | 'heun'.
-      num_steps: denoising steps.
-      guidance_scale: w in (1 + w) * cond - w * uncond; 0 = plain conditional.
-      clip_x: clip the predicted x to [-1, 1] (ddpm/ddim).
-      **sampler_kwargs: passed on to ``samplers.sample`` (eta, churn, ...).
+      options: the sampler settings (validated here). Guidance is dropped for
+        unconditional models.
 
     Returns:
       A jitted function. ``labels``: int32 [N] (ignored for unconditional
       models; N must be a multiple of the device count). Output: float32
       [N, H, W, C] in roughly [-1, 1], sharded over the batch.
     """
+    options.validate()
     size, channels = config.model.image_size, config.model.in_channels
     num_classes = config.model.num_classes
-    logsnr_fn = schedules.get_logsnr_fn(**config.schedule)
+    if not num_classes and options.guided:
+        options = dataclasses.replace(options, guidance_scale=0.0)
+    logsnr_fn = schedules.from_config(config.schedule)
+    num_timesteps = schedules.num_timesteps_from_config(config.schedule)
     batch_sharding = sharding_lib.batch_sharding(mesh)
+    sigma_data = config.loss.get("sigma_data", 0.5)
 
     def sample_fn(params, rng, labels):
         def model_fn(z, logsnr, lab):
             return model.apply({"params": params}, z, logsnr, lab, train=False)
 
         return samplers.sample(
-            model_fn, rng, shape=(labels.shape[0], size, size, channels), sampler=sampler,
-            num_steps=num_steps, logsnr_fn=logsnr_fn, prediction=config.loss.prediction,
+            model_fn, rng, options, logsnr_fn=logsnr_fn,
+            shape=(labels.shape[0], size, size, channels), prediction=config.loss.prediction,
             labels=labels if num_classes else None,
-            null_label=num_classes if num_classes else None,
-            guidance_scale=guidance_scale if num_classes else 0.0, clip_x=clip_x,
-            **sampler_kwargs)
+            null_label=num_classes if num_classes else None, sigma_data=sigma_data,
+            num_timesteps=num_timesteps)
 
     return jax.jit(sample_fn, in_shardings=(None, None, batch_sharding),
                    out_shardings=batch_sharding)
@@ -132,32 +135,33 @@ def parse_labels(text: str | None, num_classes: int) -> np.ndarray | None:
     return labels
 
 
-def generate(config: ml_collections.ConfigDict, params, mesh, *, num_samples: int, sampler: str,
-             steps: int, guidance: float, labels: np.ndarray | None, seed: int,
-             batch_size: int = 0, sample_fn: Callable | None = None,
-             **sampler_kwargs) -> tuple[np.ndarray, np.ndarray]:
+def generate(config: ml_collections.ConfigDict, params, mesh, options: samplers.SamplerOptions,
+             *, num_samples: int, labels: np.ndarray | None, seed: int, batch_size: int = 0,
+             sample_fn: Callable | None = None,
+             progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Samples ``num_samples`` images with ``params``, sharded over ``mesh``.
 
     Args:
       config: the run config.
       params: model parameters (e.g. an EMA copy).
       mesh: device mesh.
+      options: the sampler settings.
       num_samples: number of images K.
-      sampler, steps, guidance: see ``make_sample_fn``.
       labels: class ids cycled over the K samples; None cycles all classes.
       seed: batch i uses ``fold_in(key(seed), i)``: same seed, same images.
       batch_size: images per sampler call (0: K), rounded up to the devices.
       sample_fn: a prebuilt ``make_sample_fn`` result to reuse (periodic
-        evaluation compiles once); it must match sampler/steps/guidance.
-      **sampler_kwargs: passed to ``samplers.sample``.
+        evaluation compiles once); it must have been built with ``options``.
+      progress: called as ``progress(done, total)`` after every batch.
 
     Returns:
       (uint8 [K, H, W, C] images, int32 [K] labels).
     """
-    if sampler not in config_validation.SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; use one of {config_validation.SAMPLERS}.")
-    if num_samples <= 0 or steps <= 0:
-        raise ValueError("--num_samples and --steps must be positive.")
+    options.validate()
+    if num_samples <= 0:
+        raise ValueError(f"num_samples={num_samples} must be positive.")
+    if batch_size < 0:
+        raise ValueError(f"batch_size={batch_size} must be >= 0 (0: all samples in one call).")
     num_classes = config.model.num_classes
     if labels is None:
         all_labels = default_labels(num_samples, num_classes)
@@ -167,9 +171,7 @@ def generate(config: ml_collections.ConfigDict, params, mesh, *, num_samples: in
     batch = batch_size or num_samples
     batch = -(-batch // devices) * devices  # Round up to a multiple of the devices.
     if sample_fn is None:
-        sample_fn = make_sample_fn(models.create_model(config.model), config, mesh,
-                                   sampler=sampler, num_steps=steps, guidance_scale=guidance,
-                                   **sampler_kwargs)
+        sample_fn = make_sample_fn(models.create_model(config.model), config, mesh, options)
     images = []
     for i, start in enumerate(range(0, num_samples, batch)):
         chunk = all_labels[start:start + batch]
@@ -178,6 +180,8 @@ def generate(config: ml_collections.ConfigDict, params, mesh, *, num_samples: in
                         replicate_labels(padded, mesh))
         out = multihost_utils.process_allgather(out, tiled=True)
         images.append(to_uint8(out)[:len(chunk)])
+        if progress is not None:
+            progress(start + len(chunk), num_samples)
     return np.concatenate(images), all_labels
 
 

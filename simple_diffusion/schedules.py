@@ -9,8 +9,10 @@ Conventions (see docs/diffusion_core.md):
     logSNR too, so that one loss and one sampler code path serve all of them.
     The VE sigma of a VP state is sigma / alpha = exp(-logsnr / 2).
 
-All functions are pure `jnp`, jit-compatible and broadcast over any shape of t
-(float32). Hyper-parameters are Python scalars (static).
+All functions are pure `jnp`, jit-compatible and broadcast over any shape of t.
+They compute in the caller's floating dtype: float32 normally, float64 for
+float64 inputs under `jax_enable_x64` (integer or Python inputs take JAX's
+default float). Hyper-parameters are Python scalars (static).
 """
 
 import math
@@ -23,11 +25,19 @@ import numpy as np
 _HALF_PI = math.pi / 2
 
 
+def _as_float(x) -> jax.Array:
+    """x as a floating array, keeping a float input's dtype (float64 stays float64)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    return x.astype(jnp.result_type(float))
+
+
 def alpha_sigma(logsnr: jax.Array) -> tuple[jax.Array, jax.Array]:
     """VP signal and noise scales for a logSNR.
 
     Args:
-      logsnr: any shape, float32; +inf (clean) and -inf (pure noise) are allowed.
+      logsnr: any shape, float; +inf (clean) and -inf (pure noise) are allowed.
 
     Returns:
       (alpha, sigma), same shape as `logsnr`, with alpha^2 + sigma^2 = 1.
@@ -67,7 +77,7 @@ def logsnr_cosine(t: jax.Array, logsnr_min: float = -15.0, logsnr_max: float = 1
     logsnr(0) = logsnr_max and logsnr(1) = logsnr_min.
 
     Args:
-      t: any shape, float32 in [0, 1].
+      t: any shape, float in [0, 1].
       logsnr_min: logSNR at t = 1.
       logsnr_max: logSNR at t = 0.
 
@@ -75,7 +85,7 @@ def logsnr_cosine(t: jax.Array, logsnr_min: float = -15.0, logsnr_max: float = 1
       logsnr, same shape as t.
     """
     t_min, t_max_c, span = _cosine_angles(logsnr_min, logsnr_max)
-    t = jnp.asarray(t, jnp.float32)
+    t = _as_float(t)
     # tan(pi/2 - a) = 1 / tan(a): evaluating the half near t = 1 through the
     # complementary angle keeps float32 accuracy where tan is steep.
     low = -2.0 * jnp.log(jnp.tan(t_min + t * span))
@@ -85,9 +95,9 @@ def logsnr_cosine(t: jax.Array, logsnr_min: float = -15.0, logsnr_max: float = 1
 
 def t_from_logsnr_cosine(logsnr: jax.Array, logsnr_min: float = -15.0,
                          logsnr_max: float = 15.0) -> jax.Array:
-    """Inverse of `logsnr_cosine` for logsnr in [logsnr_min, logsnr_max] (any shape, float32)."""
+    """Inverse of `logsnr_cosine` for logsnr in [logsnr_min, logsnr_max] (any shape, float)."""
     t_min, t_max_c, span = _cosine_angles(logsnr_min, logsnr_max)
-    logsnr = jnp.asarray(logsnr, jnp.float32)
+    logsnr = _as_float(logsnr)
     low = (jnp.arctan(jnp.exp(-0.5 * logsnr)) - t_min) / span
     high = 1.0 - (jnp.arctan(jnp.exp(0.5 * logsnr)) - t_max_c) / span
     return jnp.where(logsnr > 0, low, high)
@@ -118,7 +128,7 @@ def logsnr_cosine_shifted(t: jax.Array, image_d: float, noise_d: float = 64.0,
     """Resolution-shifted cosine: logsnr_cosine(t) + 2 log(noise_d / image_d).
 
     Args:
-      t: any shape, float32 in [0, 1].
+      t: any shape, float in [0, 1].
       image_d: image resolution the schedule is used at.
       noise_d: reference resolution the cosine schedule is designed for (64 in
         the paper for ImageNet).
@@ -141,7 +151,7 @@ def t_from_logsnr_cosine_shifted(logsnr: jax.Array, image_d: float, noise_d: flo
     """Inverse of `logsnr_cosine_shifted` (same arguments)."""
     shift = resolution_shift(image_d, noise_d)
     lo, hi = _shifted_bounds(logsnr_min, logsnr_max, shift, shift_mode)
-    return t_from_logsnr_cosine(jnp.asarray(logsnr, jnp.float32) - shift, lo, hi)
+    return t_from_logsnr_cosine(_as_float(logsnr) - shift, lo, hi)
 
 
 def logsnr_cosine_interpolated(t: jax.Array, image_d: float, noise_d_low: float = 32.0,
@@ -156,7 +166,7 @@ def logsnr_cosine_interpolated(t: jax.Array, image_d: float, noise_d_low: float 
       as transcribed by readers of the paper.
 
     Args:
-      t: any shape, float32 in [0, 1].
+      t: any shape, float in [0, 1].
       image_d: image resolution.
       noise_d_low, noise_d_high: the two reference resolutions.
       logsnr_min, logsnr_max, shift_mode: as in `logsnr_cosine_shifted`.
@@ -168,7 +178,7 @@ def logsnr_cosine_interpolated(t: jax.Array, image_d: float, noise_d_low: float 
     if interp_orientation not in ("pseudocode", "reversed"):
         raise ValueError("interp_orientation must be 'pseudocode' or 'reversed', "
                          f"got {interp_orientation!r}")
-    t = jnp.asarray(t, jnp.float32)
+    t = _as_float(t)
     low = logsnr_cosine_shifted(t, image_d, noise_d_low, logsnr_min, logsnr_max, shift_mode)
     high = logsnr_cosine_shifted(t, image_d, noise_d_high, logsnr_min, logsnr_max, shift_mode)
     if interp_orientation == "pseudocode":
@@ -226,9 +236,9 @@ def logsnr_from_table(t: jax.Array, table: np.ndarray) -> jax.Array:
     Exact at the discrete timesteps, continuous in between so that continuous-time
     training and samplers with any step count work unchanged.
     """
-    t = jnp.asarray(t, jnp.float32)
-    grid = jnp.linspace(0.0, 1.0, len(table), dtype=jnp.float32)
-    return jnp.interp(t, grid, jnp.asarray(table, jnp.float32))
+    t = _as_float(t)
+    grid = jnp.linspace(0.0, 1.0, len(table), dtype=t.dtype)
+    return jnp.interp(t, grid, jnp.asarray(table, t.dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -237,18 +247,21 @@ def logsnr_from_table(t: jax.Array, table: np.ndarray) -> jax.Array:
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                  rho: float = 7.0) -> jax.Array:
-    """Karras sampling grid, descending, with a final 0: float32 [num_steps + 1].
+                  rho: float = 7.0, dtype=jnp.float32) -> jax.Array:
+    """Karras sampling grid, descending, with a final 0: `dtype` [num_steps + 1].
 
     sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
     i = 0..N-1, then sigma_N = 0. These are VE noise levels (exp(-logsnr / 2)).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    frac = jnp.linspace(0.0, 1.0, num_steps, dtype=jnp.float32) if num_steps > 1 else jnp.zeros(1)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    frac = (jnp.linspace(0.0, 1.0, num_steps, dtype=dtype) if num_steps > 1
+            else jnp.zeros(1, dtype))
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     sigmas = (hi + frac * (lo - hi)) ** rho
-    return jnp.concatenate([sigmas, jnp.zeros(1)]).astype(jnp.float32)
+    return jnp.concatenate([sigmas, jnp.zeros(1, dtype)]).astype(dtype)
 
 
 def logsnr_edm(t: jax.Array, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -260,7 +273,7 @@ def logsnr_edm(t: jax.Array, sigma_min: float = 0.002, sigma_max: float = 80.0,
     final 0).
     """
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    t = jnp.asarray(t, jnp.float32)
+    t = _as_float(t)
     return -2.0 * rho * jnp.log(lo + t * (hi - lo))
 
 
@@ -268,7 +281,7 @@ def t_from_logsnr_edm(logsnr: jax.Array, sigma_min: float = 0.002, sigma_max: fl
                       rho: float = 7.0) -> jax.Array:
     """Inverse of `logsnr_edm`."""
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    return (jnp.exp(-jnp.asarray(logsnr, jnp.float32) / (2.0 * rho)) - lo) / (hi - lo)
+    return (jnp.exp(-_as_float(logsnr) / (2.0 * rho)) - lo) / (hi - lo)
 
 
 def edm_lognormal_logsnr(rng: jax.Array, shape: tuple[int, ...], p_mean: float = -1.2,
@@ -293,6 +306,7 @@ _ACCEPTED = {
     "ddpm_sigmoid": _DDPM,
     "edm": ("sigma_min", "sigma_max", "rho"),
 }
+NAMES = tuple(_ACCEPTED)
 _REQUIRED = {"cosine_shifted": ("image_d",), "cosine_interpolated": ("image_d",)}
 
 
@@ -309,7 +323,7 @@ def _check_kwargs(name: str, kwargs: dict) -> None:
 
 
 def get_logsnr_fn(name: str, **kwargs) -> Callable[[jax.Array], jax.Array]:
-    """Schedule t -> logsnr by name (t any shape, float32 in [0, 1], t = 1 noise).
+    """Schedule t -> logsnr by name (t any shape, float in [0, 1], t = 1 noise).
 
     Names and accepted kwargs:
       'cosine': logsnr_min=-15, logsnr_max=15.
@@ -359,3 +373,81 @@ def get_t_fn(name: str, **kwargs) -> Callable[[jax.Array], jax.Array]:
         return lambda logsnr: t_from_logsnr_edm(logsnr, **kwargs)
     raise ValueError(f"schedule {name!r} has no closed-form inverse; "
                      "available: ['cosine', 'cosine_shifted', 'edm']")
+
+
+def logsnr_range(logsnr_fn: Callable[[jax.Array], jax.Array]) -> tuple[float, float]:
+    """(logsnr at t = 1, logsnr at t = 0): the trained noise range, as Python floats.
+
+    Evaluated eagerly even while a caller is being traced by `jax.jit`.
+    """
+    with jax.ensure_compile_time_eval():
+        return float(logsnr_fn(1.0)), float(logsnr_fn(0.0))
+
+
+# ----------------------------------------------------------------------------
+# Discrete timestep spacings (DDPM / diffusers), for samplers.
+# ----------------------------------------------------------------------------
+
+SPACINGS = ("uniform", "leading", "trailing")
+
+
+def discrete_t_grid(num_timesteps: int, num_steps: int, spacing: str) -> np.ndarray:
+    """Sampling times of a discrete T-step schedule, from noise to data: float64 [N + 1].
+
+    Discrete timestep k (1..T, diffusers index k - 1) sits at t = k / T, and the
+    chain ends at the clean t = 0. With step ratio r = T // N:
+      'leading' (diffusers DDIM/DDPM default): k = r (N - 1) + 1, ..., r + 1, 1.
+      'trailing': k = round(T - j T / N), j = 0..N-1 (T, ..., T / N).
+      'uniform': t = linspace(1, 0, N + 1), this project's continuous-time grid.
+    'leading' and 'trailing' are not consecutive steps of one linspace, so a
+    sampler must take the grid explicitly to match diffusers step for step.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"need 1 <= num_steps <= num_timesteps, got {num_steps}, {num_timesteps}")
+    if spacing == "uniform":
+        return np.linspace(1.0, 0.0, num_steps + 1)
+    if spacing == "leading":
+        ratio = num_timesteps // num_steps
+        k = np.arange(num_steps)[::-1] * ratio + 1
+    else:
+        k = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(np.int64)
+    return np.concatenate([k / num_timesteps, [0.0]])
+
+
+# ----------------------------------------------------------------------------
+# Config (``config.schedule``): every family's fields are declared, so a run can
+# switch schedule on the command line; each name reads only its own fields.
+# ----------------------------------------------------------------------------
+
+# Field -> default. `logsnr_max` is also the clamp of the DDPM tables at t = 0.
+CONFIG_DEFAULTS = dict(
+    name="cosine_shifted", logsnr_min=-15.0, logsnr_max=15.0, image_d=64, noise_d=64,
+    noise_d_low=32, noise_d_high=256, shift_mode="after_clip", interp_orientation="pseudocode",
+    num_timesteps=1000, beta_start=1e-4, beta_end=0.02, cosine_s=0.008, max_beta=0.999,
+    sigma_min=0.002, sigma_max=80.0, rho=7.0)
+
+
+def kwargs_from_config(config) -> tuple[str, dict]:
+    """(name, kwargs of `get_logsnr_fn`) from a ``config.schedule`` mapping.
+
+    Fields the named schedule does not use are ignored; fields missing from
+    the mapping (configs of older runs) take `get_logsnr_fn`'s defaults.
+    """
+    name = config["name"]
+    if name not in _ACCEPTED:
+        raise ValueError(f"config.schedule.name={name!r}; use one of {sorted(_ACCEPTED)}.")
+    return name, {k: config[k] for k in _ACCEPTED[name] if k in config}
+
+
+def from_config(config) -> Callable[[jax.Array], jax.Array]:
+    """The schedule t -> logsnr described by ``config.schedule`` (see CONFIG_DEFAULTS)."""
+    name, kwargs = kwargs_from_config(config)
+    return get_logsnr_fn(name, **kwargs)
+
+
+def num_timesteps_from_config(config) -> int | None:
+    """T of a discrete ``ddpm_*`` schedule in ``config.schedule``, else None."""
+    name, kwargs = kwargs_from_config(config)
+    return kwargs.get("num_timesteps", 1000) if name.startswith("ddpm_") else None

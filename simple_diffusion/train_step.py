@@ -142,7 +142,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     """
     num_classes = config.model.num_classes
     accum = config.optimizer.grad_accum_steps
-    loss_kwargs = dict(config.loss)
+    loss_kwargs = losses.kwargs_from_config(
+        config.loss, image_size=config.model.image_size,
+        num_timesteps=schedules.num_timesteps_from_config(config.schedule))
 
     def micro_loss(params, image, label, rng):
         label_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
@@ -218,7 +220,7 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
     """The train step jitted with explicit shardings and the state donated
     (updated in place: no second copy of params, Adam moments and EMA)."""
     lr_schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
-    logsnr_fn = schedules.get_logsnr_fn(**config.schedule)
+    logsnr_fn = schedules.from_config(config.schedule)
     batch_sh = sharding_lib.batch_sharding(mesh)
     step = make_train_step(model, tx, config, logsnr_fn, lr_schedule, batch_sh)
     return jax.jit(step, in_shardings=(shardings, batch_sh),

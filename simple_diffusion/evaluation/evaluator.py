@@ -5,6 +5,7 @@ Used by the trainer (every ``config.eval.every_steps``) and by the
 once per Evaluator; reference statistics are cached as .npz.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -16,6 +17,7 @@ import numpy as np
 
 from simple_diffusion import input_pipeline
 from simple_diffusion import models
+from simple_diffusion import samplers
 from simple_diffusion import sampling
 from simple_diffusion.evaluation import features as features_lib
 from simple_diffusion.evaluation import metrics as metrics_lib
@@ -54,17 +56,15 @@ class Evaluator:
         self._feature_fn = (lambda x: self.extractor(x)[0]) if e.feature == "inception_v3" \
             else self.extractor
         self.ref = reference_stats(config, self._feature_fn, os.path.join(workdir, "eval"))
-        self.sample_fn = sampling.make_sample_fn(
-            self.model, config, mesh, sampler=e.sampler, num_steps=e.num_steps,
-            guidance_scale=e.guidance_scale)
+        self.options = samplers.SamplerOptions.from_config(e)
+        self.sample_fn = sampling.make_sample_fn(self.model, config, mesh, self.options)
 
     def __call__(self, params: Any, step: int) -> dict[str, float]:
         """Samples ``config.eval.num_samples`` images with ``params`` and scores them."""
         e = self.config.eval
         images, _ = sampling.generate(
-            self.config, params, self.mesh, num_samples=e.num_samples, sampler=e.sampler,
-            steps=e.num_steps, guidance=e.guidance_scale, labels=None, seed=e.seed,
-            batch_size=e.batch_size, sample_fn=self.sample_fn)
+            self.config, params, self.mesh, self.options, num_samples=e.num_samples,
+            labels=None, seed=e.seed, batch_size=e.batch_size, sample_fn=self.sample_fn)
         out = self.extractor(images)
         feats, logits = out if isinstance(out, tuple) else (out, None)
         results = metrics_lib.compute_metrics(
@@ -77,6 +77,6 @@ class Evaluator:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(dict(
                 step=step, num_samples=e.num_samples, num_reference=e.num_reference,
-                reference_split=e.reference_split, sampler=e.sampler, num_steps=e.num_steps,
-                guidance_scale=e.guidance_scale, **results), indent=2))
+                reference_split=e.reference_split, feature=e.feature,
+                sampler_options=dataclasses.asdict(self.options), **results), indent=2))
         return results
