@@ -8,17 +8,20 @@ runs the real `init`.
 """
 
 import functools
+import json
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from simple_diffusion import models
 from simple_diffusion.models import layers
 from simple_diffusion.models import presets
+from simple_diffusion.models import uvit
 
 ALLOWED_AXES = {"embed", "mlp", "heads", "head_dim", "conv_in", "conv_out", "classes",
                 "layers", None}
@@ -35,6 +38,8 @@ def _tiny(variant: str, **overrides):
             config.stem, config.dwt_levels = "dwt", 1
         if variant == "residual_dwt":
             config.residual = True
+        if variant == "per_block_l2":
+            config.modulation, config.qk_norm = "per_block", "l2"
     config.update(overrides)
     return config
 
@@ -73,7 +78,7 @@ def _apply_fn(variant: str, overrides: tuple = ()):
     return config, apply
 
 
-VARIANTS = ["patch", "dwt", "residual_dwt", "unet"]
+VARIANTS = ["patch", "dwt", "residual_dwt", "per_block_l2", "unet"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -128,19 +133,29 @@ def test_unconditional_model_accepts_no_labels():
     assert out.shape == z.shape and out.dtype == jnp.float32
 
 
-def test_real_init_starts_residual_branches_at_zero():
+@pytest.mark.parametrize("modulation", ["shared", "per_block"])
+def test_real_init_starts_residual_branches_at_zero(modulation):
     # One block rather than the whole model: compiling the random initialisers of every
     # parameter dominates a tiny model's init on XLA:CPU.
-    tokens = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 8)), jnp.float32)
-    block = layers.TransformerBlock(num_heads=2, mlp_ratio=2.0)
-    mod = jnp.zeros((1, 4, 8))
-    variables = jax.jit(lambda r: block.init(r, tokens, mod))(jax.random.key(1))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.normal(size=(1, 4, 8)), jnp.float32)
+    block = layers.TransformerBlock(num_heads=2, mlp_ratio=2.0, modulation=modulation)
+    # 'shared' takes the shared [B, 4, D] projection, 'per_block' the embedding [B, E].
+    cond = (jnp.zeros((1, 4, 8)) if modulation == "shared"
+            else jnp.asarray(rng.normal(size=(1, 6)), jnp.float32))
+    variables = jax.jit(lambda r: block.init(r, tokens, cond))(jax.random.key(1))
     assert set(variables) == {"params"}
     params = nn.unbox(variables)["params"]
     np.testing.assert_array_equal(params["attention"]["out"]["kernel"], 0.0)
     np.testing.assert_array_equal(params["mlp"]["out"]["kernel"], 0.0)
     assert np.std(np.asarray(params["attention"]["query"]["kernel"])) > 0.1
-    np.testing.assert_allclose(block.apply(variables, tokens, mod)[0], tokens)
+    if modulation == "per_block":
+        assert params["modulation"]["kernel"].shape == (6, 4, 8)
+        np.testing.assert_array_equal(params["modulation"]["kernel"], 0.0)
+        assert "modulation_offset" not in params
+    else:
+        assert "modulation" not in params
+    np.testing.assert_allclose(block.apply(variables, tokens, cond)[0], tokens)
     _check_partition_specs(variables)
 
 
@@ -254,10 +269,20 @@ def test_bfloat16_forward_close_to_float32():
     assert rel < 3e-2, rel
 
 
-def test_scan_and_remat_match_the_unrolled_stack():
-    config, apply = _apply_fn("patch")
-    config_scan, apply_scan = _apply_fn("patch", (("scan_layers", True), ("remat", True)))
+# Each option appears once (the two fields are independent code paths), so 3 compiles not 6.
+@pytest.mark.parametrize("modulation,qk_norm", [
+    ("shared", "rms_learned"), ("per_block", "l2"), ("shared", "none")])
+def test_scan_and_remat_match_the_unrolled_stack(modulation, qk_norm):
+    options = (("modulation", modulation), ("qk_norm", qk_norm))
+    config, apply = _apply_fn("patch", options)
+    config_scan, apply_scan = _apply_fn(
+        "patch", options + (("scan_layers", True), ("remat", True)))
     params = _random_params(config)
+    assert ("transformer_modulation" in params) == (modulation == "shared")
+    block0 = params["transformer"]["block_0"]
+    assert ("modulation" in block0) == (modulation == "per_block")
+    assert ("query_norm" in block0["attention"]) == (qk_norm == "rms_learned")
+    assert ("query_l2norm" in block0["attention"]) == (qk_norm == "l2")
     blocks = [params["transformer"].pop(f"block_{i}") for i in range(config.transformer_depth)]
     z, logsnr, labels = _inputs(config)
     ref = np.asarray(apply(params | {"transformer": {**params["transformer"],
@@ -268,6 +293,15 @@ def test_scan_and_remat_match_the_unrolled_stack():
     scanned["transformer"] = {"blocks": jax.tree_util.tree_map(lambda *x: jnp.stack(x), *blocks)}
     out = np.asarray(apply_scan(scanned, z, logsnr, labels, False, jax.random.key(0)))
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    # The stacked parameters are the scanned model's own layout ('layers' axis first).
+    variables = presets.abstract_variables(config_scan)
+    _check_partition_specs(variables)
+    stacked = variables["params"]["transformer"]["blocks"]
+    assert jax.tree_util.tree_structure(nn.unbox(stacked)) == jax.tree_util.tree_structure(
+        scanned["transformer"]["blocks"])
+    specs = jax.tree_util.tree_leaves(nn.get_partition_spec(stacked),
+                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert all(spec[0] == "layers" for spec in specs)
 
 
 def test_scanned_compile_time_is_flat_in_depth():
@@ -290,7 +324,12 @@ def _np_rms(x, scale):
     return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * scale
 
 
-def test_attention_matches_float64_numpy():
+def _np_l2(x, scale):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12) * scale
+
+
+@pytest.mark.parametrize("qk_norm", ["rms_learned", "l2", "none", True, False])
+def test_attention_matches_float64_numpy(qk_norm):
     rng = np.random.default_rng(0)
     b, t, d, heads = 2, 5, 8, 2
     hd = d // heads
@@ -298,22 +337,37 @@ def test_attention_matches_float64_numpy():
     p = {name: {"kernel": rng.normal(size=(d, heads, hd)) / np.sqrt(d),
                 "bias": rng.normal(size=(heads, hd)) * 0.1} for name in ("query", "key", "value")}
     p["out"] = {"kernel": rng.normal(size=(heads, hd, d)), "bias": rng.normal(size=(d,))}
-    p["query_norm"] = {"scale": rng.uniform(0.5, 2.0, size=(hd,))}
-    p["key_norm"] = {"scale": rng.uniform(0.5, 2.0, size=(hd,))}
-    module = layers.Attention(heads, qk_norm=True)
+    q_scale, k_scale = rng.uniform(0.5, 2.0, size=(hd,)), rng.uniform(0.5, 2.0, size=(hd,))
+    mode = {True: "rms_learned", False: "none"}.get(qk_norm, qk_norm)
+    if mode == "rms_learned":
+        p["query_norm"], p["key_norm"] = {"scale": q_scale}, {"scale": k_scale}
+    elif mode == "l2":
+        p["query_l2norm"], p["key_l2norm"] = {"scale": q_scale}, {"scale": k_scale}
+    module = layers.Attention(heads, qk_norm=qk_norm)
     params32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), p)
+    # apply rejects parameters the module does not create, so this also checks the names.
     got = np.asarray(jax.jit(module.apply)({"params": params32}, jnp.asarray(x, jnp.float32)))
 
     proj = {n: np.einsum("btd,dnh->btnh", x, p[n]["kernel"]) + p[n]["bias"]
             for n in ("query", "key", "value")}
-    q = _np_rms(proj["query"], p["query_norm"]["scale"])
-    k = _np_rms(proj["key"], p["key_norm"]["scale"])
-    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(hd)
+    q, k = proj["query"], proj["key"]
+    if mode == "rms_learned":  # ViT-22B: RMS-normalised q, k; logits / sqrt(head_dim)
+        q, k, logit_scale = _np_rms(q, q_scale), _np_rms(k, k_scale), 1 / np.sqrt(hd)
+    elif mode == "l2":  # lucidrains simple_diffusion.py: F.normalize, q/k scales, scale = 8
+        q, k, logit_scale = _np_l2(q, q_scale), _np_l2(k, k_scale), 8.0
+    else:
+        logit_scale = 1 / np.sqrt(hd)
+    logits = np.einsum("btnh,bsnh->bnts", q, k) * logit_scale
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     attended = np.einsum("bnts,bsnh->btnh", w, proj["value"])
     want = np.einsum("btnh,nhd->btd", attended, p["out"]["kernel"]) + p["out"]["bias"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_rejects_unknown_qk_norm():
+    with pytest.raises(ValueError, match="qk_norm='rms'"):
+        layers.Attention(2, qk_norm="rms").init(jax.random.key(0), jnp.zeros((1, 3, 4)))
 
 
 def test_sinusoidal_embedding_matches_numpy():
@@ -333,6 +387,9 @@ def test_sinusoidal_embedding_matches_numpy():
     ("num_res_blocks", (1, 1), "config.num_res_blocks"),
     ("dtype", "float16", "config.dtype"),
     ("dropout", 1.0, "config.dropout"),
+    ("qk_norm", "rms", "config.qk_norm='rms': use one of 'rms_learned', 'l2', 'none'"),
+    ("qk_norm", "True", "config.qk_norm='True': use one of"),  # a string is not a legacy bool
+    ("modulation", "adaln", "config.modulation='adaln': use one of 'shared', 'per_block'"),
 ])
 def test_bad_uvit_config_raises(field, value, match):
     config = presets.get_preset("tiny")
@@ -352,3 +409,192 @@ def test_bad_unet_and_missing_fields_raise():
         models.create_model(config)
     with pytest.raises(ValueError, match="unknown model preset"):
         presets.get_preset("imagenet1024")
+
+
+# --- What the model computes between its modules, seen through nn.intercept_methods. ---
+
+
+def _run_capturing(model, params, z, logsnr, labels, replace=None):
+    """One jitted forward that records the model's top-level submodule calls.
+
+    Returns (output, calls): calls[name] = (first positional input, output) for every
+    direct submodule of the UViT (e.g. 'down16_to8', 'up8_block0') and for the UViT's own
+    methods 'stem_transform' and 'head_transform'. `replace` maps a name to
+    fn(input, output) -> the output the model continues with instead.
+    """
+    replace = replace or {}
+
+    @jax.jit
+    def run(params, z, logsnr, labels):
+        calls = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            path = context.module.scope.path if context.module.scope is not None else None
+            if path == () and context.method_name in ("stem_transform", "head_transform"):
+                name = context.method_name
+            elif path is not None and len(path) == 1 and context.method_name == "__call__":
+                name = path[0]
+            else:
+                return out
+            assert name not in calls, f"{name} called twice"
+            if name in replace:
+                out = replace[name](args[0], out)
+            calls[name] = (args[0], out)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            out = model.apply({"params": params}, z, logsnr, labels, train=False)
+        return out, calls
+
+    out, calls = run(params, z, logsnr, labels)
+    return np.asarray(out), jax.tree_util.tree_map(np.asarray, calls)
+
+
+def _assert_close_and_term_matters(got, want, term):
+    """got == want, and `term` (one summand of want) is large enough that dropping it fails."""
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    assert np.abs(term).max() > 1e-2 * scale  # removing `term` would break the equality
+
+
+def test_residual_uvit_up_path_is_up_of_x_minus_after_down_plus_before_down():
+    # Two conv levels (16 and 8) so that the order in which the stored activations are
+    # used is checked too. The formula is SiD2's x = Up(x - h_after_down) + h_before_down.
+    config = _tiny("patch", residual=True, channels=(8, 8), num_res_blocks=(1, 1))
+    model = models.create_model(config)
+    params = _random_params(config)
+    z, logsnr, labels = _inputs(config)
+    _, calls = _run_capturing(model, params, z, logsnr, labels)
+    before_down = {res: calls[f"down{res}_to{res // 2}"][0] for res in (16, 8)}
+    after_down = {res: calls[f"down{res}_to{res // 2}"][1] for res in (16, 8)}
+
+    transformer_out = calls["transformer_norm"][1].reshape(after_down[8].shape)
+    up_in, up_out = calls["up4_to8"]
+    _assert_close_and_term_matters(up_in, transformer_out - after_down[8], after_down[8])
+    _assert_close_and_term_matters(calls["up8_block0"][0], up_out + before_down[8],
+                                   before_down[8])
+
+    up_in, up_out = calls["up8_to16"]
+    _assert_close_and_term_matters(up_in, calls["up8_block0"][1] - after_down[16],
+                                   after_down[16])
+    _assert_close_and_term_matters(calls["up16_block0"][0], up_out + before_down[16],
+                                   before_down[16])
+
+
+@pytest.mark.parametrize("stem,levels", [("dwt", 1), ("dwt", 2), ("patch", 1)])
+def test_model_stem_and_head_transforms_are_exact_inverses(stem, levels):
+    model = models.create_model(_tiny("patch", stem=stem, dwt_levels=levels))
+    rng = np.random.default_rng(0)
+    # Non-square, 3 channels: the model's image_size / in_channels play no part here.
+    x = jnp.asarray(rng.normal(size=(2, 16, 24, 3)), jnp.float32)
+    forward, inverse = jax.jit(model.stem_transform), jax.jit(model.head_transform)
+    coeffs = forward(x)
+    factor = 2**levels if stem == "dwt" else 1
+    assert coeffs.shape == (2, 16 // factor, 24 // factor, 3 * factor**2)
+    assert coeffs.dtype == jnp.float32
+    np.testing.assert_allclose(inverse(coeffs), x, rtol=0, atol=1e-5)
+    if stem == "dwt":
+        # Not the identity in disguise: a constant image has LL = the constant (DC gain 1)
+        # and every detail band 0 (5/3 high-pass DC gain 0).
+        const = forward(jnp.full((1, 16, 24, 3), 0.7, jnp.float32))
+        np.testing.assert_allclose(const[..., :3], 0.7, atol=1e-6)
+        np.testing.assert_allclose(const[..., 3:], 0.0, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(coeffs, x)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_model_runs_its_stem_and_head_transforms(levels):
+    config = _tiny("dwt", dwt_levels=levels, in_channels=3)
+    model = models.create_model(config)
+    params = _random_params(config)
+    z, logsnr, labels = _inputs(config)
+    # End to end through the model's own code: the head conv's output is replaced by the
+    # stem's coefficients of z, and then the model must return z.
+    out, calls = _run_capturing(model, params, z, logsnr, labels,
+                                replace={"head": lambda _, out: model.stem_transform(z)})
+    np.testing.assert_allclose(out, z, rtol=0, atol=1e-5)
+    stem_in, stem_out = calls["stem_transform"]
+    np.testing.assert_array_equal(stem_in, z)  # the first thing applied to the input
+    np.testing.assert_array_equal(calls["stem"][0], stem_out)  # what the stem conv sees
+    np.testing.assert_array_equal(calls["head_transform"][0], calls["head"][1])
+    np.testing.assert_array_equal(out, calls["head_transform"][1])  # the last thing
+
+
+# --- The conditioning and QK-norm choices. ---
+
+
+def test_per_block_modulation_adds_one_projection_per_block():
+    shared = presets.count_params(_tiny("patch"))
+    per_block = presets.count_params(_tiny("patch", modulation="per_block"))
+    c = presets.get_preset("tiny")
+    proj = c.emb_dim * 4 * c.transformer_width + 4 * c.transformer_width  # kernel + bias
+    offsets = c.transformer_depth * 4 * c.transformer_width
+    assert per_block - shared == c.transformer_depth * proj - proj - offsets
+
+
+def test_per_block_block_equals_shared_block_fed_the_same_projection():
+    # The documented equivalence: per_block with (W, b) == shared with cond = SiLU(emb) W + b
+    # and a zero offset. Catches a missing SiLU, a transposed kernel or mixed-up rows.
+    rng = np.random.default_rng(0)
+    b, t, d, e = 2, 6, 8, 5
+    tokens = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    emb = rng.normal(size=(b, e))
+    per_block = layers.TransformerBlock(num_heads=2, mlp_ratio=2.0, modulation="per_block")
+    shared = layers.TransformerBlock(num_heads=2, mlp_ratio=2.0, modulation="shared")
+    abstract = nn.unbox(jax.eval_shape(per_block.init, jax.random.key(0), tokens,
+                                       jnp.zeros((b, e))))["params"]
+    params = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, jnp.float32), abstract)
+    kernel, bias = (np.asarray(params["modulation"][k], np.float64) for k in ("kernel", "bias"))
+    silu = emb / (1.0 + np.exp(-emb))
+    cond = np.einsum("be,ekd->bkd", silu, kernel) + bias
+    shared_params = {k: v for k, v in params.items() if k != "modulation"}
+    shared_params["modulation_offset"] = jnp.zeros((4, d))
+    got = jax.jit(per_block.apply)({"params": params}, tokens, jnp.asarray(emb, jnp.float32))[0]
+    want = jax.jit(shared.apply)({"params": shared_params}, tokens,
+                                 jnp.asarray(cond, jnp.float32))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(got) - np.asarray(tokens)).max() > 1e-2  # the block did work
+
+
+def test_per_block_modulation_carries_the_conditioning_in_the_transformer():
+    config, apply = _apply_fn("patch", (("modulation", "per_block"), ("scan_layers", True)))
+    params = _random_params(config)
+    # Silence the ResBlocks' conditioning: what is left can reach the output only through
+    # the transformer blocks' own modulation projections.
+    for name in params:
+        if "_block" in name:
+            params[name]["emb_proj"] = jax.tree_util.tree_map(jnp.zeros_like,
+                                                              params[name]["emb_proj"])
+    z, logsnr, labels = _inputs(config)
+    key = jax.random.key(0)
+
+    def logsnr_effect(p):
+        base = np.asarray(apply(p, z, logsnr, labels, False, key))
+        moved = np.asarray(apply(p, z, logsnr + 2.0, labels, False, key))
+        return np.abs(moved - base).max() / np.std(base)
+
+    assert logsnr_effect(params) > 1e-2
+    blocks = params["transformer"]["blocks"]
+    silenced = {**params, "transformer": {"blocks": {
+        **blocks, "modulation": {**blocks["modulation"],
+                                 "kernel": jnp.zeros_like(blocks["modulation"]["kernel"])}}}}
+    assert logsnr_effect(silenced) < 1e-6
+
+
+@pytest.mark.parametrize("legacy,mode", [(True, "rms_learned"), (False, "none")])
+def test_config_json_with_bool_qk_norm_and_no_modulation_still_loads(legacy, mode):
+    # A workdir's config.json written before the choices existed: qk_norm is a bool and
+    # there is no modulation field (sampling.load_run_config rebuilds it like this).
+    old = presets.get_preset("tiny").to_dict()
+    old["qk_norm"] = legacy
+    del old["modulation"]
+    config = ml_collections.ConfigDict(json.loads(json.dumps(old)))
+    model = uvit.from_config(config, jnp.float32, jnp.float32)
+    assert model.qk_norm == mode and model.modulation == "shared"
+    want = presets.abstract_variables(_tiny("patch", qk_norm=mode))["params"]
+    got = jax.eval_shape(lambda r: model.init(r, *_inputs(config)), jax.random.key(0))["params"]
+    assert (jax.tree_util.tree_structure(nn.unbox(got))
+            == jax.tree_util.tree_structure(nn.unbox(want)))

@@ -21,8 +21,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
+
+# QK-norm choices of `Attention` (see its docstring); True / False are legacy spellings of
+# 'rms_learned' / 'none' from before the choice existed.
+QK_NORMS = ("rms_learned", "l2", "none")
+# Transformer conditioning choices of `TransformerBlock` (see its docstring).
+MODULATIONS = ("shared", "per_block")
+# Fixed attention-logit scale (inverse temperature) used with 'l2' QK-norm, as in
+# lucidrains' simple_diffusion.py (`scale = 8`), replacing 1/sqrt(head_dim).
+L2_ATTENTION_SCALE = 8.0
 
 _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
@@ -128,6 +138,42 @@ class RMSNorm(nn.Module):
         return (x * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+class L2Norm(nn.Module):
+    """L2 normalisation over the last axis in float32 times a learned scale, cast to `dtype`.
+
+    y = x / max(||x||_2, 1e-12) * scale, as `F.normalize` followed by lucidrains' q/k
+    scales. The scale [last dim] starts at one and is named (`axis_name`,).
+    """
+    axis_name: str | None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        scale = self.param("scale", _boxed(_ones, (self.axis_name,)), (x.shape[-1],),
+                           self.param_dtype)
+        x = x.astype(jnp.float32)
+        # max(sum, eps^2) rather than sum + eps keeps F.normalize's exact semantics and a
+        # finite gradient at x = 0.
+        x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True),
+                                          1e-24))
+        return (x * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def canonical_qk_norm(value: str | bool) -> str:
+    """`value` as one of QK_NORMS: True -> 'rms_learned', False -> 'none' (legacy bools).
+
+    Raises:
+      ValueError: for anything else, listing the allowed values.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return "rms_learned" if value else "none"
+    if isinstance(value, str) and value in QK_NORMS:
+        return value
+    raise ValueError(f"qk_norm={value!r}: use one of {QK_NORMS} (True / False are accepted as "
+                     "'rms_learned' / 'none').")
+
+
 def layer_norm_f32(x: jnp.ndarray, epsilon: float = 1e-6) -> jnp.ndarray:
     """Parameter-free LayerNorm over the last axis, float32 in and out."""
     x = x.astype(jnp.float32)
@@ -205,18 +251,26 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over [B, T, D] with optional query/key RMS normalisation.
+    """Multi-head self-attention over [B, T, D] with a choice of query/key normalisation.
 
-    QK-norm (ViT-22B style, used by simple diffusion) normalises q and k per head in
-    float32 with learned per-head-dim scales; the softmax runs through
-    `jax.nn.dot_product_attention` (float32 logits and softmax for bfloat16 inputs).
-    The output projection is zero-initialised.
+    `qk_norm` (one of QK_NORMS; True / False mean 'rms_learned' / 'none'):
+      'rms_learned'  ViT-22B style, used by simple diffusion: q and k are RMS-normalised per
+                     head in float32 with learned per-head-dim scales (`query_norm`,
+                     `key_norm`); logits scaled by 1/sqrt(head_dim).
+      'l2'           lucidrains' U-ViT: q and k are l2-normalised per head in float32 with
+                     learned per-head-dim scales (`query_l2norm`, `key_l2norm`, init 1);
+                     logits scaled by the fixed L2_ATTENTION_SCALE = 8. Since
+                     l2(q) = rms(q) / sqrt(head_dim), this is 'rms_learned' with the
+                     logit temperature fixed at 8 instead of sqrt(head_dim).
+      'none'         plain q, k; logits scaled by 1/sqrt(head_dim).
+    The softmax runs through `jax.nn.dot_product_attention` (float32 logits and softmax for
+    bfloat16 inputs). The output projection is zero-initialised.
 
     Params: query/key/value kernels (`embed_axis`, 'heads', 'head_dim'), output kernel
-    ('heads', 'head_dim', `embed_axis`).
+    ('heads', 'head_dim', `embed_axis`), norm scales ('head_dim',).
     """
     num_heads: int
-    qk_norm: bool = True
+    qk_norm: str | bool = "rms_learned"
     embed_axis: str = "embed"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -225,22 +279,27 @@ class Attention(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         width = x.shape[-1]
         head_dim = width // self.num_heads
+        qk_norm = canonical_qk_norm(self.qk_norm)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def project(name):
             return nn.DenseGeneral(
-                (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+                (self.num_heads, head_dim), **kw,
                 kernel_init=_boxed(_default_kernel, (self.embed_axis, "heads", "head_dim")),
                 bias_init=_boxed(_zeros, ("heads", "head_dim")), name=name)(x)
 
         q, k, v = project("query"), project("key"), project("value")
-        if self.qk_norm:
-            q = RMSNorm("head_dim", dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="query_norm")(q)
-            k = RMSNorm("head_dim", dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="key_norm")(k)
-        out = jax.nn.dot_product_attention(q, k, v)
+        scale = None  # jax default: 1 / sqrt(head_dim)
+        if qk_norm == "rms_learned":
+            q = RMSNorm("head_dim", **kw, name="query_norm")(q)
+            k = RMSNorm("head_dim", **kw, name="key_norm")(k)
+        elif qk_norm == "l2":
+            q = L2Norm("head_dim", **kw, name="query_l2norm")(q)
+            k = L2Norm("head_dim", **kw, name="key_l2norm")(k)
+            scale = L2_ATTENTION_SCALE
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale)
         return nn.DenseGeneral(
-            width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+            width, axis=(-2, -1), **kw,
             kernel_init=_boxed(_zeros, ("heads", "head_dim", self.embed_axis)),
             bias_init=_boxed(_zeros, (self.embed_axis,)), name="out")(out)
 
@@ -269,10 +328,19 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block over tokens [B, T, D], conditioned by adaptive LayerNorm.
 
-    `modulation` [B, 4, D] float32 is a shared projection of the conditioning embedding
-    (adaLN-single, as in PixArt-alpha); each block adds its own learned [4, D] offset,
-    which keeps per-block conditioning at 4D parameters instead of emb_dim * 4D. Rows are
-    (shift, scale) before attention and (shift, scale) before the MLP.
+    The block's modulation is [B, 4, D] float32 with rows (shift, scale) before attention
+    and (shift, scale) before the MLP: h = LN(x) * (1 + scale) + shift. Where it comes from
+    is the `modulation` choice (one of MODULATIONS):
+      'shared'     adaLN-single (PixArt-alpha): `cond` is [B, 4, D], one projection of the
+                   conditioning embedding shared by every block (made by the caller); each
+                   block adds its own learned [4, D] `modulation_offset`, so per-block
+                   conditioning costs 4D parameters instead of emb_dim * 4D.
+      'per_block'  DiT-style adaLN: `cond` is the conditioning embedding [B, E]; the block
+                   has its own zero-initialised `modulation` Dense(SiLU(cond)) -> [4, D]
+                   (lucidrains' U-ViT also gives every block its own zero-initialised
+                   projection, there onto the MLP hidden layer).
+    The two differ only in where the projection lives: 'per_block' with kernel W and bias b
+    equals 'shared' given cond = SiLU(emb) W + b and a zero offset.
 
     `train` is an attribute rather than a call argument so that the block can be wrapped
     by `nn.scan` / `nn.remat` without static-argument plumbing. Returns (x, None) so that
@@ -281,18 +349,30 @@ class TransformerBlock(nn.Module):
     num_heads: int
     mlp_ratio: float
     dropout: float = 0.0
-    qk_norm: bool = True
+    qk_norm: str | bool = "rms_learned"
+    modulation: str = "shared"
     train: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, modulation: jnp.ndarray):
+    def __call__(self, x: jnp.ndarray, cond: jnp.ndarray):
         width = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        offset = self.param("modulation_offset", _boxed(_zeros, (None, "embed")), (4, width),
-                            self.param_dtype)
-        mod = modulation + offset.astype(jnp.float32)[None]
+        if self.modulation == "shared":
+            offset = self.param("modulation_offset", _boxed(_zeros, (None, "embed")), (4, width),
+                                self.param_dtype)
+            mod = cond.astype(jnp.float32) + offset.astype(jnp.float32)[None]
+        elif self.modulation == "per_block":
+            # Zero-init (adaLN-Zero style): the block starts unconditioned, like the shared
+            # variant whose offsets start at zero on top of a random shared projection.
+            mod = nn.DenseGeneral(
+                (4, width), dtype=jnp.float32, param_dtype=self.param_dtype,
+                kernel_init=_boxed(_zeros, (None, None, "embed")),
+                bias_init=_boxed(_zeros, (None, "embed")),
+                name="modulation")(nn.silu(cond.astype(jnp.float32)))
+        else:
+            raise ValueError(f"modulation={self.modulation!r}: use one of {MODULATIONS}.")
         shift1, scale1, shift2, scale2 = (mod[:, i, None, :] for i in range(4))
 
         h = (layer_norm_f32(x) * (1.0 + scale1) + shift1).astype(self.dtype)

@@ -32,9 +32,12 @@ def _uvit(image_size, in_channels, num_classes, **fields) -> ml_collections.Conf
     config = _common("uvit", image_size, in_channels, num_classes)
     defaults = dict(
         stem="patch", patch_size=2, dwt_levels=1, channels=(128,), num_res_blocks=(2,),
-        transformer_width=256, transformer_depth=4, num_heads=4, mlp_ratio=4.0, qk_norm=True,
-        emb_dim=256, logsnr_scale=10.0, dropout=0.0, dropout_from_resolution=16,
-        residual=False, scan_layers=False, remat=False)
+        transformer_width=256, transformer_depth=4, num_heads=4, mlp_ratio=4.0,
+        # Every preset uses adaLN-single and RMS QK-norm (this project's choice; see
+        # docs/models.md "Conditioning and QK-norm choices").
+        qk_norm="rms_learned", modulation="shared", emb_dim=256, logsnr_scale=10.0,
+        dropout=0.0, dropout_from_resolution=16, residual=False, scan_layers=False,
+        remat=False)
     defaults.update(fields)
     config.update(defaults)
     return config

@@ -40,7 +40,7 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, h, w, c = x.shape
         y = layers.GroupNorm32(self.dtype, self.param_dtype, name="norm")(x)
-        y = layers.Attention(self.num_heads, qk_norm=False, embed_axis="conv_out",
+        y = layers.Attention(self.num_heads, qk_norm="none", embed_axis="conv_out",
                              dtype=self.dtype, param_dtype=self.param_dtype,
                              name="attention")(y.reshape(b, h * w, c))
         return x + y.reshape(b, h, w, c)

@@ -8,10 +8,22 @@ Layout, for an image of side S and a stem with downsampling factor P (patch size
               `channels[i]` channels each, then a 2x2 stride-2 conv to the next level.
   transformer at S / (P * 2^len(channels)) (16x16 for the ImageNet presets): tokens plus
               a fixed 2-D sin-cos position embedding, `transformer_depth` pre-norm blocks
-              (QK-norm attention + MLP, adaLN conditioning), a final RMSNorm.
+              (attention with the `qk_norm` choice + MLP, adaLN conditioning with the
+              `modulation` choice), a final RMSNorm.
   up levels   a 2x2 stride-2 transposed conv back to each level, then ResBlocks.
   head        GroupNorm, SiLU, then the stem's mirror: P x P transposed conv stride P,
               or a 3x3 conv to C * 4^L channels followed by the exact inverse DWT.
+              The parameter-free parts of stem and head are `UViT.stem_transform` and
+              `UViT.head_transform`, exact inverses of each other (tested).
+
+Transformer conditioning (`layers.TransformerBlock`):
+  modulation='shared' (default, adaLN-single): one Dense `transformer_modulation` from
+      SiLU(emb) to [4, D] shared by all blocks, plus a learned [4, D] offset per block.
+  modulation='per_block' (DiT-style adaLN): every block has its own zero-initialised
+      Dense(SiLU(emb)) -> [4, D]; no `transformer_modulation`.
+QK-norm (`layers.Attention`): qk_norm='rms_learned' (default; RMSNorm with learned
+  scale), 'l2' (lucidrains: l2-normalised q, k with learned scales, logit scale 8) or
+  'none'. True / False (configs written before the choice) mean 'rms_learned' / 'none'.
 
 Skip connections:
   residual=False (simple diffusion): every down ResBlock output is concatenated onto
@@ -31,6 +43,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from simple_diffusion.models import dwt
 from simple_diffusion.models import layers
@@ -48,30 +61,32 @@ class TransformerStack(nn.Module):
     num_heads: int
     mlp_ratio: float
     dropout: float
-    qk_norm: bool
+    qk_norm: str
+    modulation: str
     scan_layers: bool
     remat: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, modulation: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, cond: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """x [B, T, D] -> [B, T, D]; cond: [B, 4, D] ('shared') or [B, emb_dim] ('per_block')."""
         block_cls = layers.TransformerBlock
         if self.remat:
             # prevent_cse only matters outside scan (scan already blocks CSE across steps).
             block_cls = nn.remat(block_cls, prevent_cse=not self.scan_layers)
         kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
-                      qk_norm=self.qk_norm, train=train, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+                      qk_norm=self.qk_norm, modulation=self.modulation, train=train,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
         if self.scan_layers:
             stack = nn.scan(
                 block_cls, variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                 length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(**kwargs, name="blocks")(x, modulation)
+            x, _ = stack(**kwargs, name="blocks")(x, cond)
         else:
             for i in range(self.depth):
-                x, _ = block_cls(**kwargs, name=f"block_{i}")(x, modulation)
+                x, _ = block_cls(**kwargs, name=f"block_{i}")(x, cond)
         return x
 
 
@@ -89,7 +104,8 @@ class UViT(nn.Module):
     transformer_depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 4.0
-    qk_norm: bool = True
+    qk_norm: str = "rms_learned"
+    modulation: str = "shared"
     emb_dim: int = 256
     logsnr_scale: float = 10.0
     dropout: float = 0.0
@@ -103,6 +119,30 @@ class UViT(nn.Module):
     @property
     def stem_factor(self) -> int:
         return self.patch_size if self.stem == "patch" else 2**self.dwt_levels
+
+    def stem_transform(self, z: jnp.ndarray) -> jnp.ndarray:
+        """The stem's parameter-free part, before its learned conv. Float32 in and out.
+
+        stem='dwt': [B, H, W, C] -> [B, H/2^L, W/2^L, C * 4^L], the L-level 5/3 DWT with
+        sub-bands on channels (dwt.dwt53_forward). stem='patch': the identity (patching is
+        the learned P x P stride-P conv).
+        """
+        z = z.astype(jnp.float32)
+        if self.stem == "dwt":
+            return dwt.dwt53_forward(z, self.dwt_levels)
+        return z
+
+    def head_transform(self, y: jnp.ndarray) -> jnp.ndarray:
+        """The head's parameter-free part, after its learned conv: the inverse of `stem_transform`.
+
+        stem='dwt': [B, h, w, C * 4^L] -> [B, h * 2^L, w * 2^L, C], the exact inverse DWT,
+        computed in float32 (bfloat16 would lose the exactness). stem='patch': identity.
+        Returns float32.
+        """
+        y = y.astype(jnp.float32)
+        if self.stem == "dwt":
+            return dwt.dwt53_inverse(y, self.dwt_levels)
+        return y
 
     def _rate(self, resolution: int) -> float:
         return self.dropout if resolution <= self.dropout_from_resolution else 0.0
@@ -119,12 +159,12 @@ class UViT(nn.Module):
         res_block = (nn.remat(layers.ResBlock, static_argnums=(3,)) if self.remat
                      else layers.ResBlock)
 
-        x = z.astype(self.dtype)
+        x = self.stem_transform(z).astype(self.dtype)
         if self.stem == "patch":
             x = layers.conv(widths[0], self.patch_size, strides=self.patch_size, **kw,
                             name="stem")(x)
         else:
-            x = layers.conv(widths[0], 3, **kw, name="stem")(dwt.dwt53_forward(x, self.dwt_levels))
+            x = layers.conv(widths[0], 3, **kw, name="stem")(x)
 
         res = self.image_size // self.stem_factor
         skips, before_down, after_down = [], [], []
@@ -159,24 +199,28 @@ class UViT(nn.Module):
             x = layers.conv_transpose(self.in_channels, self.patch_size, **kw, name="head")(x)
         else:
             x = layers.conv(self.in_channels * 4**self.dwt_levels, 3, **kw, name="head")(x)
-            x = dwt.dwt53_inverse(x.astype(jnp.float32), self.dwt_levels)
-        return x.astype(jnp.float32)
+        return self.head_transform(x)
 
     def _transformer(self, x: jnp.ndarray, emb: jnp.ndarray, res: int, train: bool) -> jnp.ndarray:
         """[B, res, res, D] -> [B, res, res, D] through the transformer stack."""
         b, h, w, d = x.shape
         tokens = x.reshape(b, h * w, d)
         tokens = tokens + layers.sincos_position_embedding_2d(h, w, d)[None].astype(self.dtype)
-        modulation = nn.DenseGeneral(
-            (4, d), dtype=jnp.float32, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_uniform(),
-                                                     (None, None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "embed")),
-            name="transformer_modulation")(nn.silu(emb))
+        if self.modulation == "shared":
+            # adaLN-single: one projection for every block (the blocks add their offsets).
+            cond = nn.DenseGeneral(
+                (4, d), dtype=jnp.float32, param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_uniform(),
+                                                         (None, None, "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                       (None, "embed")),
+                name="transformer_modulation")(nn.silu(emb))
+        else:
+            cond = emb  # each block projects it itself
         tokens = TransformerStack(
             self.transformer_depth, self.num_heads, self.mlp_ratio, self._rate(res),
-            self.qk_norm, self.scan_layers, self.remat, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="transformer")(tokens, modulation, train)
+            self.qk_norm, self.modulation, self.scan_layers, self.remat, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="transformer")(tokens, cond, train)
         tokens = layers.RMSNorm("embed", dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="transformer_norm")(tokens)
         return tokens.reshape(b, h, w, d)
@@ -185,8 +229,8 @@ class UViT(nn.Module):
 # Model-specific config fields read by `from_config` (besides the common ones).
 CONFIG_FIELDS = ("stem", "patch_size", "dwt_levels", "channels", "num_res_blocks",
                  "transformer_width", "transformer_depth", "num_heads", "mlp_ratio", "qk_norm",
-                 "emb_dim", "logsnr_scale", "dropout", "dropout_from_resolution", "residual",
-                 "scan_layers", "remat")
+                 "modulation", "emb_dim", "logsnr_scale", "dropout", "dropout_from_resolution",
+                 "residual", "scan_layers", "remat")
 
 
 def from_config(config, dtype: Dtype, param_dtype: Dtype) -> UViT:
@@ -229,12 +273,28 @@ def from_config(config, dtype: Dtype, param_dtype: Dtype) -> UViT:
         raise ValueError("config.emb_dim and config.mlp_ratio must be positive.")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"config.dropout={config.dropout}: must be in [0, 1).")
+    qk_norm = config.qk_norm
+    # Run workdirs written before the choice existed store a bool in config.json.
+    if isinstance(qk_norm, (bool, np.bool_)):
+        qk_norm = "rms_learned" if qk_norm else "none"
+    elif not (isinstance(qk_norm, str) and qk_norm in layers.QK_NORMS):
+        raise ValueError(
+            f"config.qk_norm={qk_norm!r}: use one of {', '.join(map(repr, layers.QK_NORMS))} "
+            "(True / False from older configs mean 'rms_learned' / 'none').")
+    # A config without the field predates it and means today's default.
+    modulation = config.get("modulation", "shared")
+    if not (isinstance(modulation, str) and modulation in layers.MODULATIONS):
+        raise ValueError(
+            f"config.modulation={modulation!r}: use one of "
+            f"{', '.join(map(repr, layers.MODULATIONS))} ('shared': one adaLN projection for "
+            "all transformer blocks; 'per_block': one per block).")
     return UViT(
         image_size=config.image_size, in_channels=config.in_channels,
         num_classes=config.num_classes, stem=stem, patch_size=config.patch_size,
         dwt_levels=config.dwt_levels, channels=channels, num_res_blocks=num_res_blocks,
         transformer_width=width, transformer_depth=config.transformer_depth, num_heads=heads,
-        mlp_ratio=float(config.mlp_ratio), qk_norm=bool(config.qk_norm), emb_dim=config.emb_dim,
+        mlp_ratio=float(config.mlp_ratio), qk_norm=qk_norm, modulation=modulation,
+        emb_dim=config.emb_dim,
         logsnr_scale=float(config.logsnr_scale), dropout=float(config.dropout),
         dropout_from_resolution=config.dropout_from_resolution, residual=bool(config.residual),
         scan_layers=bool(config.scan_layers), remat=bool(config.remat), dtype=dtype,
