@@ -54,13 +54,36 @@ def test_sample_cli_writes_its_files_deterministically(tiny_run, tmp_path):
 def test_sample_cli_rejects_bad_arguments(tiny_run, tmp_path):
     workdir, _ = tiny_run
     done = _sample_cli(f"--workdir={workdir}", "--sampler=dpm++", f"--output_dir={tmp_path}")
-    assert done.returncode != 0 and "use one of" in done.stderr
+    assert done.returncode != 0 and "should be one of" in done.stderr
+    # Values that used to write all-black images and exit 0: one line, no traceback.
+    for flag, field in [("--eta=-5", "eta"), ("--guidance=nan", "guidance_scale"),
+                        ("--num_samples=0", "num_samples"), ("--batch_size=-1", "batch_size")]:
+        done = _sample_cli(f"--workdir={workdir}", "--sampler=ddim", flag,
+                           f"--output_dir={tmp_path}")
+        assert done.returncode != 0 and field in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
     done = _sample_cli(f"--workdir={workdir}", "--labels=10", f"--output_dir={tmp_path}")
     assert done.returncode != 0 and "class ids must be in [0, 9]" in done.stderr
     done = _sample_cli(f"--workdir={tmp_path}")
     assert done.returncode != 0 and "not a training workdir" in done.stderr
     done = _sample_cli(f"--workdir={workdir}", "--step=7")
     assert done.returncode != 0 and "available: [10, 20]" in done.stderr
+
+
+def test_sample_cli_takes_every_sampler_option(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    done = _sample_cli(f"--workdir={workdir}", "--num_samples=8", "--sampler=heun", "--steps=3",
+                       "--guidance=1.0", "--guidance_logsnr_min=-2", "--guidance_logsnr_max=2.5",
+                       "--s_churn=1", "--sigma_max=50", "--clip_x=true",
+                       f"--output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "sampler.json").read_text())
+    assert record["sampler"] == "heun" and record["num_steps"] == 3
+    assert (record["guidance_logsnr_min"], record["guidance_logsnr_max"]) == (-2.0, 2.5)
+    assert record["sigma_max"] == 50.0 and record["clip_x"] is True and record["s_churn"] == 1.0
+    assert "images/s" in done.stderr  # The progress line.
+    with np.load(tmp_path / "samples.npz") as f:
+        assert f["images"].shape == (8, 32, 32, 1) and f["images"].std() > 1.0
 
 
 def test_parse_labels():

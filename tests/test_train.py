@@ -43,7 +43,7 @@ def _one_step(config, mesh):
     }
     batch = jax.device_put(batch, batch_sh)
     step = jax.jit(train_step_lib.make_train_step(
-        model, tx, config, schedules.get_logsnr_fn(**config.schedule), lr, batch_sh),
+        model, tx, config, schedules.from_config(config.schedule), lr, batch_sh),
         in_shardings=(state_sh, batch_sh), donate_argnums=(0,))
     init_params = jax.device_get(state["params"])
     new_state, metrics = step(state, batch)

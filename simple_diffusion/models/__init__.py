@@ -40,7 +40,10 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
     if config.name not in _BUILDERS:
         raise ValueError(f"config.name={config.name!r}: use one of {sorted(_BUILDERS)}.")
     builder = _BUILDERS[config.name]
-    missing = [f for f in builder.CONFIG_FIELDS if f not in config]
+    # Fields added after a run started may be absent from its config.json; the
+    # builder's OPTIONAL_FIELDS have defaults that reproduce the old model.
+    optional = getattr(builder, "OPTIONAL_FIELDS", ())
+    missing = [f for f in builder.CONFIG_FIELDS if f not in config and f not in optional]
     if missing:
         raise ValueError(f"{config.name} config is missing fields {missing}; start from "
                          "presets.get_preset(...) and override.")
