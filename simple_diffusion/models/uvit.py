@@ -231,6 +231,8 @@ CONFIG_FIELDS = ("stem", "patch_size", "dwt_levels", "channels", "num_res_blocks
                  "transformer_width", "transformer_depth", "num_heads", "mlp_ratio", "qk_norm",
                  "modulation", "emb_dim", "logsnr_scale", "dropout", "dropout_from_resolution",
                  "residual", "scan_layers", "remat")
+# Fields configs of older runs may lack; from_config defaults them to the old behaviour.
+OPTIONAL_FIELDS = ("modulation",)
 
 
 def from_config(config, dtype: Dtype, param_dtype: Dtype) -> UViT:
