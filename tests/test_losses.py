@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from simple_diffusion import losses
+from simple_diffusion import parametrization
 from simple_diffusion import schedules
 
 PREDICTIONS = ("eps", "x", "v", "edm")
@@ -247,3 +248,46 @@ def test_bad_options_raise():
         losses.diffusion_loss(model_fn, x, jax.random.PRNGKey(0), logsnr_fn=None)
     assert math.isfinite(float(losses.diffusion_loss(model_fn, x, jax.random.PRNGKey(0),
                                                      logsnr_fn=fn)[0]))
+
+
+def test_edm_preconditioning_matches_paper_notes_values():
+    """paper.md section 9: sigma = 1, sigma_data = 0.5 gives c_skip 0.2, c_out 0.447214,
+    c_in 0.894427, c_noise 0 and loss weight lambda(sigma) = 5.0."""
+    c_skip, c_out, c_in, c_noise = parametrization.edm_precond(jnp.float32(1.0), 0.5)
+    np.testing.assert_allclose([c_skip, c_out, c_in, c_noise], [0.2, 0.447214, 0.894427, 0.0],
+                               atol=1e-6)
+    # The same numbers through the code paths a model sees: logSNR 0 is sigma_ve = 1.
+    z = jnp.ones((1, 2, 2, 1))
+    logsnr = jnp.zeros((1, 1, 1, 1))
+    alpha = math.sqrt(0.5)
+    np.testing.assert_allclose(parametrization.network_input(z, logsnr, "edm", 0.5),
+                               0.894427 * z / alpha, rtol=1e-5)
+    raw = jnp.full((1, 2, 2, 1), 0.3)
+    x_hat, _ = parametrization.predict_x_eps(raw, z, logsnr, "edm", 0.5)
+    np.testing.assert_allclose(x_hat, 0.2 * z / alpha + 0.447214 * 0.3, rtol=1e-5)
+    _, _, weight = losses.weighted_pair("edm", z, z, z, z, jnp.zeros((1,)), sigma_data=0.5)
+    np.testing.assert_allclose(weight, [5.0], rtol=1e-6)
+
+
+def test_sigmoid_weighting_matches_paper_notes_values():
+    """paper.md section 9: b = -3 gives w(-3) = 0.5, w(0) = 0.0474, w(3) = 0.00247."""
+    x = jnp.zeros((3, 2, 2, 1))
+    _, _, w = losses.weighted_pair("sigmoid", x, x, x, x, jnp.asarray([-3.0, 0.0, 3.0]),
+                                   sigmoid_bias=-3.0)
+    np.testing.assert_allclose(w, [0.5, 0.0474, 0.00247], rtol=3e-3)
+
+
+def test_discrete_noise_sampling_hits_ddpm_timesteps():
+    table_fn = schedules.get_logsnr_fn("ddpm_linear", num_timesteps=10)
+    logsnr = losses.sample_logsnr(jax.random.PRNGKey(0), 4096, "discrete", table_fn,
+                                  num_timesteps=10)
+    betas = np.linspace(1e-4, 0.02, 10)
+    abar = np.cumprod(1 - betas)
+    allowed = np.log(abar / (1 - abar))  # Timesteps k = 1..10, never the clean k = 0.
+    got = np.asarray(logsnr, np.float64)
+    dist = np.abs(got[:, None] - allowed[None]).min(axis=1)
+    assert dist.max() < 1e-4
+    counts = np.bincount(np.abs(got[:, None] - allowed[None]).argmin(axis=1), minlength=10)
+    assert counts.min() > 300  # Uniform over the 10 timesteps (expected 410 each).
+    with pytest.raises(ValueError, match="num_timesteps"):
+        losses.sample_logsnr(jax.random.PRNGKey(0), 4, "discrete", table_fn)
