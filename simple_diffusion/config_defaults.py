@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
         folder=ml_collections.FieldReference(None, field_type=str),
         random_flip=False,
         prefetch=2,
+        # An unreadable image in a folder: 'fail' (stop, naming it) | 'skip'
+        # (log it once, use the next readable image, count it); docs/data.md.
+        on_bad_image="fail",
     ))
 
     # t -> logSNR (t = 1 is noise); `name` picks the family. See schedules.py.

@@ -89,6 +89,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
            f"config.data.source={config.data.source!r}; use 'tfds' or 'folder'.")
     if config.data.source == "folder":
         _check(bool(config.data.folder), "config.data.source='folder' needs --config.data.folder=PATH.")
+    _check(config.data.on_bad_image in ("fail", "skip"),
+           f"config.data.on_bad_image={config.data.on_bad_image!r}; use 'fail' (stop at an "
+           "unreadable image, naming it) or 'skip' (use the next readable image instead).")
     return mesh_shape
 
 

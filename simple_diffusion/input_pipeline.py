@@ -22,8 +22,22 @@ global batch (``global_batch_size // P`` examples), which it alone reads.
 
 Preprocessing: center crop to a square, resize to ``image_size`` (PIL box
 filter, i.e. area averaging, when shrinking; bicubic when enlarging),
-optional random horizontal flip, then uint8 -> float32 in [-1, 1]. Grayscale
-images keep one channel.
+optional random horizontal flip, then [0, max] -> float32 in [-1, 1], where
+max is 255 for 8-bit images and 65535 for 16-bit grayscale ones (which stay
+16-bit through the resize).
+
+Channels: a TFDS dataset has its own channel count. A folder's images are
+converted to the ``channels`` the caller asks for (the model's
+``in_channels``): RGB -> grayscale by PIL's ITU-R 601-2 luma, grayscale -> RGB
+by replication, alpha dropped. Callers that pass no ``channels`` get the
+first image's (1 or 3), as before.
+
+Unreadable folder images (``data_config.on_bad_image``): ``'fail'`` (default)
+stops with a ``BadImageError`` naming the file; ``'skip'`` logs each bad file
+once and uses the next readable file in the folder's sorted order (and its
+label) in its place. The replacement depends only on the folder's contents,
+so batches stay a function of ``(seed, step)`` and the process layout; the
+iterator counts the replaced examples (``InputIterator.skipped_images``).
 """
 
 import concurrent.futures
@@ -48,10 +62,32 @@ _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", "
 # Tags that keep the permutation and flip random streams apart for one seed.
 _PERMUTATION_STREAM = 0
 _FLIP_STREAM = 1
+BAD_IMAGE_POLICIES = ("fail", "skip")
+# PIL modes of 16-bit (or wider integer) grayscale images; convert("L") would
+# clip their values at 255 instead of scaling them.
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_GRAY_MODES = ("1", "L", "LA", "La", "F") + _WIDE_GRAY_MODES
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset or folder is missing or unusable; the message says how to fix it."""
+
+
+class BadImageError(DatasetNotFoundError):
+    """An image file cannot be decoded; the message names it and the way out.
+
+    Attributes:
+      path: the file.
+      reason: what the decoder said, e.g. ``"OSError: Truncated File Read"``.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(
+            f"Cannot read image {path} ({reason}). Replace or delete the file, or set "
+            "--config.data.on_bad_image=skip to use the next readable image in its place "
+            "(logged once per file and counted; docs/data.md).")
+        self.path = path
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +111,8 @@ class _Source:
 
     ``fetch`` gets the raw records of a batch at once (cheap, I/O bound);
     ``decode`` turns one raw record into an image and label (CPU bound, run in
-    worker threads: PIL and the codecs release the GIL).
+    worker threads: PIL and the codecs release the GIL) and raises
+    ``BadImageError`` for a record it cannot decode.
 
     Attributes:
       info: the split's ``DatasetInfo``.
@@ -91,7 +128,10 @@ class _Source:
         raise NotImplementedError
 
     def decode(self, record) -> tuple[np.ndarray, int]:
-        """Returns (uint8 [H, W, channels] image, int label) of a fetched record."""
+        """Returns ([H, W, channels] image, int label) of a fetched record.
+
+        The image is uint8, or float32 in [0, 1] for 16-bit images.
+        """
         raise NotImplementedError
 
 
@@ -123,9 +163,13 @@ class _TfdsSource(_Source):
 
 
 class _FolderSource(_Source):
-    """Image files under a folder, one subfolder per class (sorted names)."""
+    """Image files under a folder, one subfolder per class (sorted names).
 
-    def __init__(self, folder: str):
+    Every image is converted to ``channels`` (1 or 3); with ``channels=None``
+    the first readable image decides (1 if grayscale, else 3).
+    """
+
+    def __init__(self, folder: str, channels: int | None = None):
         if not folder or not os.path.isdir(folder):
             raise DatasetNotFoundError(
                 f"Image folder {folder!r} does not exist. Set --config.data.folder=PATH to a "
@@ -147,20 +191,60 @@ class _FolderSource(_Source):
                 f"Image folder {folder!r} holds no images ({', '.join(_IMAGE_EXTENSIONS)}); "
                 "put them in one subfolder per class.")
         self._labels = labels
-        with Image.open(self._paths[0]) as first:
-            # The first image decides grayscale vs RGB; the others are converted.
-            self._mode = "L" if first.mode in ("1", "L", "LA") else "RGB"
+        self._channels_guessed = channels is None
+        if channels is None:
+            channels = self._first_image_channels()
+        elif channels not in (1, 3):
+            raise ValueError(
+                f"Folder images convert to 1 (grayscale) or 3 (RGB) channels, not {channels} "
+                "(config.model.in_channels).")
+        self._warned_gray_guess = False
         self.info = DatasetInfo(num_examples=len(self._paths), num_classes=num_classes,
-                                channels=1 if self._mode == "L" else 3)
+                                channels=channels)
+
+    def _first_image_channels(self) -> int:
+        """1 or 3 from the first image whose header reads (3 if none does)."""
+        for path in self._paths:
+            try:
+                with Image.open(path) as image:
+                    return 1 if image.mode in _GRAY_MODES else 3
+            except Exception:  # pylint: disable=broad-except
+                continue  # Unreadable files are reported when their turn comes.
+        return 3
 
     def fetch(self, indices: Sequence[int]) -> list[tuple[str, int]]:
         return [(self._paths[i], self._labels[i]) for i in indices]
 
     def decode(self, record: tuple[str, int]) -> tuple[np.ndarray, int]:
         path, label = record
-        with Image.open(path) as image:
-            array = np.asarray(image.convert(self._mode))
-        return array.reshape(array.shape[:2] + (self.info.channels,)), label
+        channels = self.info.channels
+        try:
+            with Image.open(path) as image:
+                # Decode the whole file here: PIL decodes lazily, and a
+                # truncated file would otherwise fail later without its path.
+                image.load()
+                mode = image.mode
+                if mode in _WIDE_GRAY_MODES:
+                    array = np.asarray(image)
+                else:
+                    array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        except Exception as e:  # pylint: disable=broad-except
+            # Any decoder failure (OSError, SyntaxError for broken PNG chunks,
+            # DecompressionBombError, ...) is this file's fault.
+            raise BadImageError(path, f"{type(e).__name__}: {e}") from e
+        if mode in _WIDE_GRAY_MODES:
+            # 16-bit PNG/TIFF values span [0, 65535]; keep their precision as
+            # float32 in [0, 1] rather than clipping them to uint8.
+            array = np.clip(array.astype(np.float32) / 65535.0, 0.0, 1.0)
+            array = np.repeat(array[..., None], channels, axis=-1)
+        elif channels == 1 and mode not in _GRAY_MODES and self._channels_guessed:
+            if not self._warned_gray_guess:
+                self._warned_gray_guess = True
+                logging.warning(
+                    "Converting colour image %s to grayscale because the first image of the "
+                    "folder is grayscale and the caller passed no channel count; pass "
+                    "channels=config.model.in_channels to decide it from the config.", path)
+        return array.reshape(array.shape[:2] + (channels,)), label
 
 
 def _image_files(directory: str, recursive: bool = True) -> list[str]:
@@ -245,19 +329,37 @@ def _open_data_source(builder: tfds.core.DatasetBuilder, split: str) -> Sequence
                                   deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
 
 
-def _source(data_config: ml_collections.ConfigDict, split: str | None = None) -> _Source:
+def _source(data_config: ml_collections.ConfigDict, split: str | None = None,
+            channels: int | None = None) -> _Source:
     if data_config.source == "tfds":
         return _TfdsSource(_tfds_builder(data_config), split or data_config.split)
     if data_config.source == "folder":
-        return _FolderSource(data_config.folder)
+        return _FolderSource(data_config.folder, channels)
     raise ValueError(f"config.data.source={data_config.source!r}; use 'tfds' or 'folder'.")
 
 
-def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
+def _reading_source(data_config: ml_collections.ConfigDict, split: str | None,
+                    channels: int | None) -> _Source:
+    """``_source``, refusing a TFDS dataset whose channels differ from ``channels``."""
+    source = _source(data_config, split, channels)
+    if channels is not None and source.info.channels != channels:
+        raise ValueError(
+            f"The dataset has {source.info.channels} channels but {channels} were asked for "
+            f"(config.model.in_channels); set --config.model.in_channels="
+            f"{source.info.channels}.")
+    return source
+
+
+def dataset_info(data_config: ml_collections.ConfigDict, *,
+                 channels: int | None = None) -> DatasetInfo:
     """Describes ``data_config``'s split; prepares the offline default if needed.
 
     Args:
       data_config: the ``config.data`` ConfigDict (module docstring).
+      channels: the model's ``in_channels``. A folder has no channel count of
+        its own: it reports (and converts to) this one; None guesses from its
+        first image. A TFDS dataset reports its own whatever this is, so the
+        caller can compare.
 
     Returns:
       The split's ``DatasetInfo``.
@@ -265,20 +367,23 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
     Raises:
       DatasetNotFoundError: the dataset or folder is missing; the message holds
         the command that installs or prepares it.
-      ValueError: unknown source, dataset name or split.
+      ValueError: unknown source, dataset name or split; ``channels`` not 1 or
+        3 for a folder.
     """
-    return _source(data_config).info
+    return _source(data_config, channels=channels).info
 
 
 def center_crop_and_resize(image: np.ndarray, image_size: int) -> np.ndarray:
     """Crops the central square of an image and resizes it.
 
     Args:
-      image: uint8 [H, W, C], C in {1, 3}.
+      image: [H, W, C], C in {1, 3}: uint8, or float32 in [0, 1] (16-bit
+        sources).
       image_size: output side length.
 
     Returns:
-      uint8 [image_size, image_size, C]. Shrinking uses PIL's box filter (each
+      [image_size, image_size, C] of the input's dtype (float32 clipped to
+      [0, 1], as uint8 is by PIL). Shrinking uses PIL's box filter (each
       output pixel averages the input area it covers, so no aliasing);
       enlarging uses bicubic interpolation.
     """
@@ -289,9 +394,93 @@ def center_crop_and_resize(image: np.ndarray, image_size: int) -> np.ndarray:
     if side == image_size:
         return np.ascontiguousarray(square)
     resample = Image.Resampling.BOX if side > image_size else Image.Resampling.BICUBIC
+    if square.dtype != np.uint8:
+        # PIL resamples float images one channel at a time (mode "F").
+        planes = [np.asarray(Image.fromarray(np.ascontiguousarray(square[..., c], np.float32))
+                             .resize((image_size, image_size), resample=resample))
+                  for c in range(channels)]
+        # Bicubic overshoots; clip like PIL clips uint8.
+        return np.clip(np.stack(planes, axis=-1), 0.0, 1.0)
     pil = Image.fromarray(square[..., 0] if channels == 1 else square)
     resized = np.asarray(pil.resize((image_size, image_size), resample=resample))
     return resized.reshape(image_size, image_size, channels)
+
+
+def _to_model_range(image: np.ndarray) -> np.ndarray:
+    """uint8 (or float32 in [0, 1]) -> float32 in [-1, 1]."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 127.5 - 1.0
+    return image.astype(np.float32) * 2.0 - 1.0
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 (or float32 in [0, 1]) -> uint8, rounding."""
+    if image.dtype == np.uint8:
+        return image
+    return np.round(image * 255.0).astype(np.uint8)
+
+
+class _ExampleLoader:
+    """Decodes examples by index under a ``config.data.on_bad_image`` policy.
+
+    With ``'skip'``, an example whose record cannot be decoded is replaced by
+    the next decodable index (wrapping around). That depends only on the
+    dataset's contents, not on which process or thread asks or when, so the
+    batch stays a pure function of (seed, step). Thread-safe.
+    """
+
+    def __init__(self, source: _Source, policy: str):
+        if policy not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"config.data.on_bad_image={policy!r}; use 'fail' or 'skip'.")
+        self._source = source
+        self._skip = policy == "skip"
+        self._lock = threading.Lock()
+        self._bad: dict[int, str] = {}  # Index -> path of every bad record seen.
+
+    @property
+    def bad_paths(self) -> tuple[str, ...]:
+        """The unreadable files found so far, sorted."""
+        with self._lock:
+            return tuple(sorted(self._bad.values()))
+
+    def _mark_bad(self, index: int, error: BadImageError) -> None:
+        with self._lock:
+            if index in self._bad:
+                return
+            self._bad[index] = error.path
+        logging.warning("Skipping unreadable image %s (%s); config.data.on_bad_image='skip' "
+                        "uses the next readable image in its place.", error.path, error.reason)
+
+    def _is_bad(self, index: int) -> bool:
+        with self._lock:
+            return index in self._bad
+
+    def load(self, index: int, record) -> tuple[np.ndarray, int, bool]:
+        """(image, label, replaced) of example ``index``, whose record is ``record``.
+
+        Raises:
+          BadImageError: the record is unreadable and the policy is 'fail', or
+            no record of the split is readable.
+        """
+        if not (self._skip and self._is_bad(index)):
+            try:
+                return (*self._source.decode(record), False)
+            except BadImageError as e:
+                if not self._skip:
+                    raise
+                self._mark_bad(index, e)
+        num_examples = len(self._source)
+        for offset in range(1, num_examples):
+            candidate = (index + offset) % num_examples
+            if self._is_bad(candidate):
+                continue
+            try:
+                return (*self._source.decode(self._source.fetch([candidate])[0]), True)
+            except BadImageError as e:
+                self._mark_bad(candidate, e)
+        raise DatasetNotFoundError(
+            f"No image of the dataset is readable (the first found bad: {self.bad_paths[0]}); "
+            "config.data.on_bad_image='skip' has nothing to use in their place.")
 
 
 class IndexSampler:
@@ -350,13 +539,22 @@ class InputIterator(Iterator[dict[str, np.ndarray]]):
     With ``prefetch > 0`` a daemon thread computes up to ``prefetch`` batches
     ahead, so loading overlaps the device step; an error there is raised by
     ``next``. ``close()`` (or leaving a ``with`` block) stops the thread.
+
+    ``make_batch`` returns the batch, or ``(batch, num_replaced)`` where
+    ``num_replaced`` counts its examples that stand in for unreadable images
+    (``config.data.on_bad_image='skip'``); ``skipped_images`` sums those of the
+    batches ``next`` has returned, so prefetched batches are not counted early.
     """
 
-    def __init__(self, make_batch: Callable[[int], dict[str, np.ndarray]], *, start_step: int,
-                 prefetch: int, on_close: Callable[[], None] = lambda: None):
+    def __init__(self, make_batch: Callable[[int], dict[str, np.ndarray] | tuple],
+                 *, start_step: int, prefetch: int,
+                 on_close: Callable[[], None] = lambda: None,
+                 bad_image_paths: Callable[[], tuple[str, ...]] = tuple):
         self._make_batch = make_batch
         self._next_step = start_step
         self._on_close = on_close
+        self._bad_image_paths = bad_image_paths
+        self._skipped_images = 0
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
         if prefetch > 0:
@@ -365,11 +563,27 @@ class InputIterator(Iterator[dict[str, np.ndarray]]):
                                             daemon=True)
             self._thread.start()
 
+    @property
+    def skipped_images(self) -> int:
+        """Examples of this process's returned batches that replaced an unreadable
+        image, since this iterator was created (a resumed run starts at 0)."""
+        return self._skipped_images
+
+    @property
+    def bad_image_paths(self) -> tuple[str, ...]:
+        """The unreadable files this process has found so far (sorted), including
+        those of prefetched batches."""
+        return tuple(self._bad_image_paths())
+
+    def _batch_and_count(self, step: int) -> tuple[dict[str, np.ndarray], int]:
+        result = self._make_batch(step)
+        return result if isinstance(result, tuple) else (result, 0)
+
     def _produce(self) -> None:
         step = self._next_step
         while not self._stop.is_set():
             try:
-                item = self._make_batch(step)
+                item = self._batch_and_count(step)
             except Exception as e:  # pylint: disable=broad-except
                 item = e  # Handed to the consumer, which raises it.
             # Time out now and then to notice close() while the queue is full.
@@ -387,12 +601,14 @@ class InputIterator(Iterator[dict[str, np.ndarray]]):
         if self._stop.is_set():
             raise StopIteration
         if self._queue is None:
-            batch = self._make_batch(self._next_step)
+            item = self._batch_and_count(self._next_step)
         else:
-            batch = self._queue.get()
-            if isinstance(batch, Exception):
+            item = self._queue.get()
+            if isinstance(item, Exception):
                 self.close()
-                raise batch
+                raise item
+        batch, num_replaced = item
+        self._skipped_images += num_replaced
         self._next_step += 1
         return batch
 
@@ -426,6 +642,7 @@ def create_input_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     num_workers: int | None = None,
+    channels: int | None = None,
 ) -> InputIterator:
     """The endless, resumable training batches of this process.
 
@@ -440,16 +657,23 @@ def create_input_iterator(
       process_count: number of processes, default ``jax.process_count()``.
       num_workers: threads decoding and resizing images, default
         ``min(8, cpu_count)``.
+      channels: C, the model's ``in_channels``: a folder's images are
+        converted to it, a TFDS dataset must have it. None: the dataset's
+        (a folder's first image decides).
 
     Returns:
       An ``InputIterator`` of dicts ``{'image': float32 [B, image_size,
       image_size, C] in [-1, 1], 'label': int32 [B]}``, B =
       ``global_batch_size // process_count``: the contiguous slice
-      ``process_index`` of the global batch of each step.
+      ``process_index`` of the global batch of each step. Its
+      ``skipped_images`` counts the examples that replaced unreadable images.
 
     Raises:
-      DatasetNotFoundError, ValueError: as ``dataset_info``, or for a batch
-        size that does not divide over the processes.
+      DatasetNotFoundError, ValueError: as ``dataset_info``, for a batch
+        size that does not divide over the processes, or for ``channels``
+        other than a TFDS dataset's.
+      BadImageError: from ``next``, for an unreadable image under
+        ``on_bad_image='fail'``.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -458,35 +682,45 @@ def create_input_iterator(
                          f"process_count={process_count}.")
     local_batch_size = global_batch_size // process_count
     local = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
-    source = _source(data_config)
+    source = _reading_source(data_config, None, channels)
+    loader = _ExampleLoader(source, _bad_image_policy(data_config))
     sampler = IndexSampler(len(source), global_batch_size, seed)
     pool = concurrent.futures.ThreadPoolExecutor(num_workers or _default_num_workers(),
                                                  thread_name_prefix="input_worker")
 
-    def load(record, flip: bool) -> tuple[np.ndarray, int]:
-        image, label = source.decode(record)
+    def load(index: int, record, flip: bool) -> tuple[np.ndarray, int, bool]:
+        image, label, replaced = loader.load(index, record)
         image = center_crop_and_resize(image, image_size)
-        return (image[:, ::-1] if flip else image), label
+        # Scaled per image (elementwise, so bitwise the same as per batch).
+        return _to_model_range(image[:, ::-1] if flip else image), label, replaced
 
-    def make_batch(step: int) -> dict[str, np.ndarray]:
-        records = source.fetch(sampler.indices(step)[local])
+    def make_batch(step: int) -> tuple[dict[str, np.ndarray], int]:
+        indices = sampler.indices(step)[local]
+        records = source.fetch(indices)
         if data_config.random_flip:
             flips = sampler.flips(step)[local]
         else:
             flips = np.zeros(local_batch_size, bool)
-        images, labels = zip(*pool.map(load, records, flips))
-        return {"image": np.stack(images).astype(np.float32) / 127.5 - 1.0,
-                "label": np.asarray(labels, np.int32)}
+        images, labels, replaced = zip(*pool.map(load, indices.tolist(), records, flips))
+        return ({"image": np.stack(images), "label": np.asarray(labels, np.int32)},
+                int(sum(replaced)))
 
     return InputIterator(make_batch, start_step=start_step, prefetch=data_config.prefetch,
-                         on_close=pool.shutdown)
+                         on_close=pool.shutdown, bad_image_paths=lambda: loader.bad_paths)
+
+
+def _bad_image_policy(data_config: ml_collections.ConfigDict) -> str:
+    # Configs saved by runs from before the field existed lack it.
+    return data_config.get("on_bad_image", "fail")
 
 
 def load_images(data_config: ml_collections.ConfigDict, *, image_size: int, num_examples: int,
-                split: str | None = None, num_workers: int | None = None) -> np.ndarray:
+                split: str | None = None, num_workers: int | None = None,
+                channels: int | None = None) -> np.ndarray:
     """The first ``num_examples`` images of a split, preprocessed without flips.
 
     For reference statistics in evaluation (e.g. the Fashion-MNIST test split).
+    Unreadable images follow ``data_config.on_bad_image`` as in training.
 
     Args:
       data_config: the ``config.data`` ConfigDict (module docstring).
@@ -495,15 +729,20 @@ def load_images(data_config: ml_collections.ConfigDict, *, image_size: int, num_
       split: TFDS split, default ``data_config.split``; a folder is one split,
         so it ignores this.
       num_workers: decoding threads, default ``min(8, cpu_count)``.
+      channels: C, as in ``create_input_iterator``.
 
     Returns:
-      uint8 [num_examples, image_size, image_size, C].
+      uint8 [num_examples, image_size, image_size, C] (16-bit images rounded
+      to 8 bits after the resize).
     """
-    source = _source(data_config, split)
+    source = _reading_source(data_config, split, channels)
     if not 0 < num_examples <= len(source):
         raise ValueError(f"num_examples={num_examples}, but the split has {len(source)}.")
-    def load(record) -> np.ndarray:
-        return center_crop_and_resize(source.decode(record)[0], image_size)
+    loader = _ExampleLoader(source, _bad_image_policy(data_config))
+
+    def load(index: int, record) -> np.ndarray:
+        return _to_uint8(center_crop_and_resize(loader.load(index, record)[0], image_size))
 
     with concurrent.futures.ThreadPoolExecutor(num_workers or _default_num_workers()) as pool:
-        return np.stack(list(pool.map(load, source.fetch(range(num_examples)))))
+        return np.stack(list(pool.map(load, range(num_examples),
+                                      source.fetch(range(num_examples)))))

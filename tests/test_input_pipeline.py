@@ -230,8 +230,184 @@ def test_errors_while_loading_reach_the_caller(tmp_path):
     config = _config(source="folder", folder=str(tmp_path))
     iterator = input_pipeline.create_input_iterator(
         config, image_size=8, global_batch_size=2, seed=0, process_index=0, process_count=1)
-    with pytest.raises(Image.UnidentifiedImageError):
+    with pytest.raises(input_pipeline.BadImageError, match="the_broken_one.png"):
         next(iterator)
+
+
+def _write_truncated_png(path):
+    """A PNG whose header reads but whose pixel data stops half-way."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    _write_png(path, noise)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+def _numbered_folder(root, bad=()):
+    """Grey 8x8 images: class a/ holds indices 0-2, b/ 3-5; index i has value 10 + 40 i.
+
+    Returns the paths by index; those in ``bad`` are truncated PNGs.
+    """
+    paths = []
+    for i in range(6):
+        path = str(root / ("a" if i < 3 else "b") / f"{i}.png")
+        if i in bad:
+            _write_truncated_png(path)
+        else:
+            _write_png(path, np.full((8, 8), 10 + 40 * i, np.uint8))
+        paths.append(path)
+    return paths
+
+
+def test_a_corrupt_image_stops_training_naming_the_file(tmp_path):
+    paths = _numbered_folder(tmp_path, bad=(4,))
+    config = _config(source="folder", folder=str(tmp_path))
+    with pytest.raises(input_pipeline.BadImageError) as error:
+        _take(input_pipeline.create_input_iterator(
+            config, image_size=8, global_batch_size=6, seed=0, process_index=0,
+            process_count=1, channels=1), 1)
+    message = str(error.value)
+    assert paths[4] in message and "truncated" in message.lower()
+    assert "--config.data.on_bad_image=skip" in message
+    assert error.value.path == paths[4]
+    with pytest.raises(input_pipeline.BadImageError, match="4.png"):
+        input_pipeline.load_images(config, image_size=8, num_examples=6, channels=1)
+
+
+def test_skip_uses_the_next_readable_image_and_counts_it(tmp_path, caplog):
+    # 2 and 3 are bad in a row (both become 4); 5 is the last (wraps to 0).
+    paths = _numbered_folder(tmp_path, bad=(2, 3, 5))
+    stand_in = {0: 0, 1: 1, 2: 4, 3: 4, 4: 4, 5: 0}
+    config = _config(source="folder", folder=str(tmp_path), on_bad_image="skip")
+    sampler = input_pipeline.IndexSampler(6, 6, seed=0)
+    caplog.set_level("WARNING")
+    with input_pipeline.create_input_iterator(
+            config, image_size=8, global_batch_size=6, seed=0, process_index=0,
+            process_count=1, channels=1) as iterator:
+        assert iterator.skipped_images == 0
+        for step in range(3):  # One epoch per step.
+            batch = next(iterator)
+            expected = np.array([stand_in[i] for i in sampler.indices(step)])
+            np.testing.assert_array_equal(_to_uint8(batch["image"])[:, 0, 0, 0],
+                                          10 + 40 * expected)
+            # The label is the stand-in's: 4 is in class b.
+            np.testing.assert_array_equal(batch["label"], expected >= 3)
+            assert iterator.skipped_images == 3 * (step + 1)
+        assert iterator.bad_image_paths == tuple(sorted(paths[i] for i in (2, 3, 5)))
+    for i in (2, 3, 5):  # Warned once per file, with its path.
+        assert sum(paths[i] in r.getMessage() for r in caplog.records) == 1
+    loaded = input_pipeline.load_images(config, image_size=8, num_examples=6, channels=1)
+    np.testing.assert_array_equal(loaded[:, 0, 0, 0], [10 + 40 * stand_in[i] for i in range(6)])
+
+
+def test_skipping_keeps_batches_a_function_of_seed_and_step(tmp_path):
+    _numbered_folder(tmp_path, bad=(1, 4))
+    config = _config(source="folder", folder=str(tmp_path), on_bad_image="skip",
+                     random_flip=True)
+    kwargs = dict(image_size=4, global_batch_size=4, seed=3, channels=1)
+    one = _take(input_pipeline.create_input_iterator(
+        config, process_index=0, process_count=1, **kwargs), 4)
+    resumed = _take(input_pipeline.create_input_iterator(
+        config, start_step=2, process_index=0, process_count=1, **kwargs), 2)
+    halves = [_take(input_pipeline.create_input_iterator(
+        config, process_index=p, process_count=2, **kwargs), 4) for p in range(2)]
+    for step in range(4):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][key], halves[1][step][key]]), one[step][key])
+            if step >= 2:
+                np.testing.assert_array_equal(resumed[step - 2][key], one[step][key])
+
+
+def test_skip_with_no_readable_image(tmp_path):
+    _write_truncated_png(str(tmp_path / "0.png"))
+    _write_truncated_png(str(tmp_path / "1.png"))
+    config = _config(source="folder", folder=str(tmp_path), on_bad_image="skip")
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="No image .* is readable"):
+        input_pipeline.load_images(config, image_size=8, num_examples=2, channels=3)
+
+
+def test_unknown_bad_image_policy(tmp_path):
+    _numbered_folder(tmp_path)
+    config = _config(source="folder", folder=str(tmp_path), on_bad_image="ignore")
+    with pytest.raises(ValueError, match="on_bad_image='ignore'"):
+        input_pipeline.load_images(config, image_size=8, num_examples=1)
+
+
+def test_config_validation_checks_the_bad_image_policy():
+    import conftest  # pylint: disable=g-import-not-at-top
+    from simple_diffusion import config_validation  # pylint: disable=g-import-not-at-top
+    config = conftest.load_config("tiny")
+    assert config.data.on_bad_image == "fail"
+    config_validation.validate_config(config, num_devices=8, process_count=1)
+    config.data.on_bad_image = "ignore"
+    with pytest.raises(config_validation.ConfigError, match="on_bad_image='ignore'"):
+        config_validation.validate_config(config, num_devices=8, process_count=1)
+
+
+def test_16_bit_pngs_use_their_full_range(tmp_path):
+    values = np.array([[0, 1000], [40000, 65535]], np.uint16)
+    image = np.kron(values, np.ones((4, 4), np.uint16))  # 8x8, 4x4 blocks.
+    _write_png(str(tmp_path / "deep.png"), image)
+    with Image.open(tmp_path / "deep.png") as written:
+        assert written.mode == "I;16"  # Really 16-bit on disk.
+    config = _config(source="folder", folder=str(tmp_path), prefetch=0)
+    expected = values.astype(np.float64) / 65535 * 2 - 1
+    for size, block in ((8, 4), (2, 1)):  # As is, and shrunk by area averaging.
+        batch = _take(input_pipeline.create_input_iterator(
+            config, image_size=size, global_batch_size=1, seed=0, process_index=0,
+            process_count=1, channels=1), 1)[0]
+        assert batch["image"].dtype == np.float32
+        np.testing.assert_allclose(batch["image"][0, ::block, ::block, 0], expected,
+                                   atol=1e-6)
+    rgb = input_pipeline.load_images(config, image_size=2, num_examples=1, channels=3)
+    np.testing.assert_array_equal(rgb[0], np.repeat(np.array([[0, 4], [156, 255]])[..., None],
+                                                    3, axis=-1))
+
+
+def test_channels_come_from_the_config_not_the_first_image(tmp_path, caplog):
+    # Sorted order: the grayscale image is first.
+    _write_png(str(tmp_path / "0_gray.png"), np.full((4, 4), 50, np.uint8))
+    _write_png(str(tmp_path / "1_rgb.png"), np.full((4, 4, 3), (200, 10, 10), np.uint8))
+    _write_png(str(tmp_path / "2_rgba.png"), np.full((4, 4, 4), (10, 200, 10, 0), np.uint8))
+    config = _config(source="folder", folder=str(tmp_path))
+    assert input_pipeline.dataset_info(config, channels=3) == input_pipeline.DatasetInfo(3, 0, 3)
+    batch = _take(input_pipeline.create_input_iterator(
+        config, image_size=4, global_batch_size=3, seed=0, process_index=0, process_count=1,
+        channels=3), 1)[0]
+    assert batch["image"].shape == (3, 4, 4, 3)
+    rgb = input_pipeline.load_images(config, image_size=4, num_examples=3, channels=3)
+    # Gray replicated; alpha dropped (not composited).
+    np.testing.assert_array_equal(rgb[:, 0, 0], [(50, 50, 50), (200, 10, 10), (10, 200, 10)])
+
+    def luma(colour):  # PIL's ITU-R 601-2 conversion.
+        return np.asarray(Image.new("RGB", (1, 1), colour).convert("L"))[0, 0]
+
+    gray = input_pipeline.load_images(config, image_size=4, num_examples=3, channels=1)
+    np.testing.assert_array_equal(gray[:, 0, 0, 0],
+                                  [50, luma((200, 10, 10)), luma((10, 200, 10))])
+
+    # Without a channel count (old callers) the first image still decides, but
+    # turning colour images gray is no longer silent.
+    assert input_pipeline.dataset_info(config).channels == 1
+    caplog.set_level("WARNING")
+    input_pipeline.load_images(config, image_size=4, num_examples=3)
+    assert any("to grayscale" in r.getMessage() for r in caplog.records)
+
+    with pytest.raises(ValueError, match="1 .grayscale. or 3 .RGB. channels, not 4"):
+        input_pipeline.dataset_info(config, channels=4)
+
+
+def test_tfds_channels_must_match_the_config(fmnist_config):
+    # dataset_info reports the dataset's own count, for the trainer to compare.
+    assert input_pipeline.dataset_info(fmnist_config, channels=3).channels == 1
+    with pytest.raises(ValueError, match="in_channels=1"):
+        input_pipeline.create_input_iterator(fmnist_config, image_size=32, global_batch_size=8,
+                                             seed=0, channels=3)
+    images = input_pipeline.load_images(fmnist_config, image_size=28, num_examples=2,
+                                        split="test", channels=1)
+    assert images.shape == (2, 28, 28, 1)
 
 
 def test_missing_folder_and_empty_folder(tmp_path):
