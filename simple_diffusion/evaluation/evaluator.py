@@ -27,13 +27,16 @@ def reference_stats(config: ml_collections.ConfigDict, extractor: Callable,
                     cache_dir: str) -> metrics_lib.FeatureStats:
     """Feature statistics of the reference split, computed once and cached as .npz."""
     e = config.eval
-    name = (f"ref_{config.data.name}_{e.reference_split}_{config.model.image_size}px_"
-            f"{e.feature}_{e.num_reference}.npz").replace("/", "_")
+    source = config.data.folder if config.data.source == "folder" else config.data.name
+    name = (f"ref_{source}_{e.reference_split}_{config.model.image_size}px"
+            f"x{config.model.in_channels}_{e.feature}_{e.num_reference}.npz")
+    name = name.strip("/").replace("/", "_")
     path = os.path.join(cache_dir, name)
     if os.path.exists(path):
         return metrics_lib.load_stats(path)
     images = input_pipeline.load_images(config.data, image_size=config.model.image_size,
-                                        num_examples=e.num_reference, split=e.reference_split)
+                                        num_examples=e.num_reference, split=e.reference_split,
+                                        channels=config.model.in_channels)
     feats = np.asarray(extractor(images))
     stats = metrics_lib.compute_stats(feats, keep_for_kid=e.num_reference)
     if jax.process_index() == 0:
