@@ -1,26 +1,41 @@
 """Orbax checkpoints of the train state in ``<workdir>/checkpoints``.
 
-Each checkpoint step holds two items: ``state`` (the train-state pytree,
-sharded arrays written by every process) and ``config`` (the run's config as
-JSON, to explain an incompatible resume). Orbax writes a step to a temporary
-directory and renames it when complete, so a crash during a save leaves the
-previous checkpoints intact.
+Each checkpoint step holds three items: ``state`` (the train-state pytree,
+sharded arrays written by every process), ``config`` (the run's config as
+JSON, to explain an incompatible resume) and ``checksums`` (JSON, one checksum
+per array of ``state``, see ``tree_checksums``). Orbax writes a step to a
+temporary directory and renames it when complete, so a crash during a save
+leaves the previous checkpoints intact.
 
 Restoring takes an abstract target (``jax.ShapeDtypeStruct`` with shardings),
-so a checkpoint restores onto any device count or mesh.
+so a checkpoint restores onto any device count or mesh. Every restored array
+is checked against its saved checksum; a damaged step (checksum mismatch,
+unreadable or missing files) is moved to ``<workdir>/checkpoints_corrupt/``
+and the next older step is tried. All workdir file operations go through
+``etils.epath``, so they work alike on local disks and ``gs://``.
 """
 
+import functools
 import json
-import os
-import shutil
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
+from jax import lax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint step is damaged: checksum mismatch or missing metadata."""
+
+
+class CheckpointExistsError(FileExistsError):
+    """A save was asked for a step that already exists on disk."""
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -32,6 +47,92 @@ def _key_name(key: Any) -> str:
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
+
+
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    """'a/b/0/mu/...' -> leaf, without orbax placeholders (the names of _flat_shapes)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(_key_name(k) for k in path): leaf
+            for path, leaf in flat if leaf is not ocp.PLACEHOLDER}
+
+
+# --- Checksums -------------------------------------------------------------
+#
+# A checksum is computed on the devices, from the global (sharded) array, and
+# does not depend on how the array is laid out: each element's bits are mixed
+# with a hash of its flat position by a bijective 32-bit hash (murmur3's
+# finaliser), h_i = fmix(bits_i ^ fmix(i)), and two sums are taken modulo
+# 2**32: sum(h_i) and sum(h_i * m_i) with odd, position-dependent m_i. Integer
+# addition is exact and associative, so any sharding, mesh or process count
+# gives the same value, and any change of a single element (one flipped bit)
+# always changes both sums. Cost: a few integer ops per element, fused into one
+# two-output reduction per array, in one program for the whole tree.
+
+CHECKSUM_ALGORITHM = "fmix32-position-sum2-v1"
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _as_uint32_words(x: jax.Array) -> jax.Array:
+    """The raw bits of ``x`` as uint32 words (64-bit elements give two words)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    # 8-byte elements become a trailing axis of two uint32 words.
+    return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """uint32[2]: the two sums of one array."""
+    words = _as_uint32_words(jnp.asarray(x))
+    position = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        position = position + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(
+            stride % 2**32)
+        stride *= words.shape[axis]
+    position_hash = _fmix32(position * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15))
+    h = _fmix32(words ^ position_hash)
+    zero = jnp.uint32(0)
+    # One reduction with two outputs compiles faster than two reductions.
+    sums = lax.reduce((h, h * (position_hash | jnp.uint32(1))), (zero, zero),
+                      lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(words.ndim)))
+    return jnp.stack(sums)
+
+
+@functools.lru_cache(maxsize=16)
+def _checksum_program(out_sharding: jax.sharding.Sharding | None):
+    def checksums(leaves):
+        return jnp.stack([_leaf_checksum(x) for x in leaves])
+    return jax.jit(checksums, out_shardings=out_sharding)
+
+
+def tree_checksums(tree: Any) -> dict[str, str]:
+    """Per-array checksums of ``tree``: ``{'params/...': '16 hex digits'}``.
+
+    Layout-independent (any mesh or process count gives the same values); every
+    process must call it (it runs one jitted program over the sharded arrays).
+    """
+    named = _named_leaves(tree)
+    if not named:
+        return {}
+    leaves = list(named.values())
+    sharding = getattr(leaves[0], "sharding", None)
+    out_sharding = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                    if isinstance(sharding, jax.sharding.NamedSharding) else None)
+    sums = _checksum_program(out_sharding)(leaves)
+    sums = np.asarray(sums.addressable_data(0))  # Replicated: every process has it all.
+    return {name: f"{int(a):08x}{int(b):08x}" for name, (a, b) in zip(named, sums)}
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -76,14 +177,53 @@ def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestor
         partial_restore=partial)
 
 
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _move_tree(src: epath.Path, dst: epath.Path) -> None:
+    """Moves directory ``src`` to ``dst`` (which must not exist), on any filesystem."""
+    try:
+        src.rename(dst)
+        return
+    except Exception as e:  # pylint: disable=broad-except
+        if not src.exists():
+            raise
+        # Object stores may not rename directories: copy every file, then delete.
+        logging.info("Renaming %s failed (%r); copying it instead.", src, e)
+    _copy_tree(src, dst)
+    src.rmtree()
+
+
+def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for child in src.iterdir():  # Not glob('**'): epath refuses it on gs://.
+        if child.is_dir():
+            _copy_tree(child, dst / child.name)
+        else:
+            child.copy(dst / child.name, overwrite=True)
+
+
+def require_workdir(workdir: Any) -> str:
+    """``workdir`` as a string; ValueError if it is empty (it would mean the cwd)."""
+    workdir = "" if workdir is None else str(workdir)
+    if not workdir.strip():
+        raise ValueError(
+            "The workdir is empty: give the run's directory, e.g. --workdir=workdirs/run1 "
+            "(an empty value would write the run into the current directory).")
+    return workdir
+
+
 class Checkpointer:
     """Keep-last-N plus keep-every-K checkpoints with async saves."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_every: int | None = None,
                  async_save: bool = True):
-        if "://" not in workdir:  # orbax needs absolute local paths.
-            workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(workdir, "checkpoints")
+        workdir = require_workdir(workdir)
+        if not _is_uri(workdir):  # orbax needs absolute local paths.
+            workdir = str(epath.Path(workdir).resolve())
+        self._workdir_path = epath.Path(workdir)
+        self.directory = str(self._workdir_path / "checkpoints")
         self._workdir = workdir
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
@@ -94,7 +234,8 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={"state": ocp.PyTreeCheckpointHandler(
                 type_handler_registry=_type_handler_registry()),
-                           "config": ocp.JsonCheckpointHandler()})
+                           "config": ocp.JsonCheckpointHandler(),
+                           "checksums": ocp.JsonCheckpointHandler()})
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -112,12 +253,29 @@ class Checkpointer:
         return step
 
     def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
-        """Starts an (async) save of ``state`` at ``step``; no-op if it exists."""
-        if step in self._manager.all_steps():
-            return
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state),
-            config=ocp.args.JsonSave(config.to_dict())), force=True)
+        """Starts an (async) save of ``state`` at ``step``, with per-array checksums.
+
+        Raises:
+          CheckpointExistsError: step ``step`` already exists (a run only saves
+            steps after the one it resumed from, so another trainer wrote it).
+        """
+        step_dir = epath.Path(self.directory) / str(step)
+        if step in self._manager.all_steps() or step_dir.exists():
+            raise CheckpointExistsError(
+                f"Checkpoint {step_dir} already exists, so step {step} was not saved: another "
+                "trainer may be writing to this workdir. Nothing was overwritten.")
+        checksums = {"algorithm": CHECKSUM_ALGORITHM, "arrays": tree_checksums(state)}
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state),
+                config=ocp.args.JsonSave(config.to_dict()),
+                checksums=ocp.args.JsonSave(checksums)), force=True)
+        except ocp.checkpoint_manager.StepAlreadyExistsError as e:
+            raise CheckpointExistsError(
+                f"Checkpoint {step_dir} already exists, so step {step} was not saved: another "
+                "trainer may be writing to this workdir. Nothing was overwritten.") from e
+        if not saved:
+            raise RuntimeError(f"orbax did not save checkpoint step {step} in {self.directory}.")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -129,8 +287,7 @@ class Checkpointer:
     def check_compatible(self, step: int, abstract_state: Any,
                          config: ml_collections.ConfigDict) -> None:
         """Raises IncompatibleCheckpointError if shapes/dtypes differ from the target."""
-        meta = self._manager.item_metadata(step)["state"]
-        saved = _flat_shapes(meta.tree if hasattr(meta, "tree") else meta)
+        saved = _flat_shapes(self._state_metadata(step))
         wanted = _flat_shapes(abstract_state)
         if saved == wanted:
             return
@@ -150,13 +307,55 @@ class Checkpointer:
             "\nConfig differences:\n  " + "\n  ".join(config_lines[:20] or ["(none recorded)"]) +
             "\nResume with the config the run was started with, or use a new --workdir.")
 
+    def _state_metadata(self, step: int) -> Any:
+        """The saved state's tree of array metadata; CorruptCheckpointError if unreadable."""
+        meta_file = epath.Path(self.directory) / str(step) / "state" / "_METADATA"
+        if not meta_file.exists():
+            raise CorruptCheckpointError(f"{meta_file} is missing")
+        meta = self._manager.item_metadata(step)["state"]
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        if not tree:
+            raise CorruptCheckpointError(f"{meta_file} lists no arrays")
+        return tree
+
+    def verify(self, step: int, restored: Any) -> bool:
+        """Checks ``restored`` (the state, or part of it) against the checksums saved
+        with ``step``. Every process must call it.
+
+        Returns:
+          True if verified, False for a checkpoint saved without checksums.
+
+        Raises:
+          CorruptCheckpointError: some array differs from what was saved.
+        """
+        if not (epath.Path(self.directory) / str(step) / "checksums").exists():
+            logging.warning("Checkpoint %s/%d has no checksums (saved by an older version): "
+                            "restored unverified.", self.directory, step)
+            return False
+        saved = self._manager.restore(step, args=ocp.args.Composite(
+            checksums=ocp.args.JsonRestore()))["checksums"]
+        if saved.get("algorithm") != CHECKSUM_ALGORITHM:
+            logging.warning("Checkpoint %s/%d has checksums of an unknown kind (%s): restored "
+                            "unverified.", self.directory, step, saved.get("algorithm"))
+            return False
+        actual = tree_checksums(restored)
+        expected = saved["arrays"]
+        bad = sorted(k for k in actual if expected.get(k) != actual[k])
+        if bad:
+            raise CorruptCheckpointError(
+                f"{len(bad)} of {len(actual)} arrays do not match their saved checksums, e.g. "
+                + ", ".join(bad[:3]))
+        return True
+
     def restore_latest(self, abstract_state: Any, config: ml_collections.ConfigDict
                        ) -> tuple[Any, int] | None:
-        """Restores the newest readable checkpoint onto ``abstract_state``'s shardings.
+        """Restores the newest good checkpoint onto ``abstract_state``'s shardings.
 
-        A checkpoint that fails to read (e.g. truncated files) is moved to
-        ``<workdir>/checkpoints_corrupt/`` (never deleted) and the next older
-        one is tried, so training resumes from the last good state.
+        Every array is verified against the checksums saved with it. A damaged
+        checkpoint (checksum mismatch, missing metadata, files that fail to
+        read) is moved to ``<workdir>/checkpoints_corrupt/`` (never deleted)
+        and the next older one is tried, so training resumes from the last good
+        state.
 
         Returns:
           (state, step), or None if there is no checkpoint.
@@ -174,18 +373,23 @@ class Checkpointer:
                 self.check_compatible(step, abstract_state, config)
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=_restore_args(abstract_state)))
+                self.verify(step, restored["state"])
                 if errors:
-                    logging.warning("Resumed from older checkpoint %d after: %s", step, errors)
+                    logging.warning(
+                        "Resuming from checkpoint %d: newer checkpoints were damaged and moved "
+                        "to %s (%s).", step, self._corrupt_dir(), "; ".join(errors))
                 return restored["state"], step
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # pylint: disable=broad-except
-                logging.error("Checkpoint step %d is unreadable: %r", step, e)
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
-                self._quarantine(step)
+                reason = f"step {step}: {type(e).__name__}: {e}".replace("\n", " ")
+                moved_to = self._quarantine(step)
+                logging.warning("Checkpoint %s/%d is damaged (%s); moved it to %s.",
+                                self.directory, step, reason, moved_to)
+                errors.append(reason)
         raise RuntimeError(
             f"No checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(errors) +
-            f"\nThey were moved to {self._workdir}/checkpoints_corrupt/. Start a new --workdir "
+            f"\nThey were moved to {self._corrupt_dir()}. Start a new --workdir "
             "or restore a good copy.")
 
     def restore_params(self, step: int, abstract_params: Any, *, ema_index: int | None = 0) -> Any:
@@ -200,8 +404,7 @@ class Checkpointer:
           The parameter tree, placed on ``abstract_params``' shardings. The
           optimizer state is never read, so this needs a third of the memory.
         """
-        meta = self._manager.item_metadata(step)["state"]
-        tree = meta.tree if hasattr(meta, "tree") else meta
+        tree = self._state_metadata(step)
         if ema_index is None:
             item = {"params": abstract_params}
         else:
@@ -222,17 +425,38 @@ class Checkpointer:
                 f"{bad[:5]} differ. Sample with the config the run was trained with.")
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=_restore_args(item, partial=True)))["state"]
-        return restored["params"] if ema_index is None else restored["ema"][ema_index]
+        params = restored["params"] if ema_index is None else restored["ema"][ema_index]
+        try:
+            self.verify(step, {"params": params} if ema_index is None else
+                        {"ema": {str(ema_index): params}})
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(
+                f"Checkpoint {self.directory}/{step} is damaged ({e}); use an older step "
+                f"(available: {self.all_steps()}).") from None
+        return params
 
-    def _quarantine(self, step: int) -> None:
-        """Moves an unreadable step aside so it is neither reused nor overwritten."""
+    def _corrupt_dir(self) -> epath.Path:
+        return self._workdir_path / "checkpoints_corrupt"
+
+    def _quarantine(self, step: int) -> epath.Path:
+        """Moves a damaged step aside so it is neither reused nor overwritten.
+
+        Returns where it went: ``checkpoints_corrupt/<step>`` (``<step>.1``, ...
+        if that name is taken by an earlier incident).
+        """
+        dst_dir = self._corrupt_dir()
+        dst = dst_dir / str(step)
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            dst_dir = os.path.join(self._workdir, "checkpoints_corrupt")
-            os.makedirs(dst_dir, exist_ok=True)
-            if os.path.exists(src):
-                shutil.move(src, os.path.join(dst_dir, str(step)))
+            src = epath.Path(self.directory) / str(step)
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            n = 0
+            while dst.exists():
+                n += 1
+                dst = dst_dir / f"{step}.{n}"
+            if src.exists():
+                _move_tree(src, dst)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"quarantine_checkpoint_{step}")
         # Let orbax rescan the directory.
         self._manager.reload()
+        return dst

@@ -26,6 +26,10 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator(
+    "workdir", lambda value: value is None or bool(value.strip()),
+    message="--workdir is empty: give the run's directory, e.g. --workdir=workdirs/run1 (an "
+            "empty value would write the run into the current directory).")
 
 
 class _QuietLibraries(std_logging.Filter):

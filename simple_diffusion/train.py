@@ -2,6 +2,7 @@
 
 A run is a workdir:
   <workdir>/config.json            the config of the latest start
+  <workdir>/LOCK                   held by the running trainer (see workdir_lock)
   <workdir>/checkpoints/<step>/    orbax checkpoints (train state + config)
   <workdir>/samples/step_<N>.png   sample grids (EMA params)
   <workdir>/events.out.tfevents.*  TensorBoard scalars and images
@@ -10,6 +11,7 @@ readable checkpoint; the data iterator restarts at the restored step, so a
 resumed run reproduces an uninterrupted one.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +36,7 @@ from simple_diffusion import optimizer as optimizer_lib
 from simple_diffusion import sampling
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
+from simple_diffusion import workdir_lock
 from simple_diffusion.evaluation import evaluator as evaluator_lib
 
 
@@ -96,10 +99,20 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run in ``workdir`` until ``config.num_train_steps``.
 
+    The workdir is locked for the run (``<workdir>/LOCK``, see workdir_lock):
+    a second trainer on the same workdir is refused.
+
     Returns:
       A summary: final ``step``, last logged ``metrics`` and whether it stopped
       for ``preempted``.
     """
+    workdir = checkpointing.require_workdir(workdir)
+    with contextlib.ExitStack() as cleanup:  # Releases the workdir lock however we exit.
+        return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
     mesh_shape = config_validation.validate_config(
         config, num_devices=jax.device_count(), process_count=jax.process_count())
     # Fail on a missing dataset before compiling anything.
@@ -116,6 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     workdir_path = epath.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
+    lock = cleanup.enter_context(workdir_lock.WorkdirLock(workdir))
     mesh = sharding_lib.create_mesh(*mesh_shape)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     writer = metric_writers.create_default_writer(
@@ -227,6 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             preempted = preemption.reached(step)
             if step % config.checkpoint_every_steps == 0 or final or preempted:
                 _check_finite(state)
+                lock.check()  # Never write over another trainer's run.
                 with report.timed("checkpoint"):
                     ckpt.save(step, state, config)
             if preempted:
