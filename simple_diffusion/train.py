@@ -33,6 +33,7 @@ from simple_diffusion import config_validation
 from simple_diffusion import input_pipeline
 from simple_diffusion import models
 from simple_diffusion import optimizer as optimizer_lib
+from simple_diffusion import samplers
 from simple_diffusion import sampling
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
@@ -116,7 +117,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh_shape = config_validation.validate_config(
         config, num_devices=jax.device_count(), process_count=jax.process_count())
     # Fail on a missing dataset before compiling anything.
-    data_info = input_pipeline.dataset_info(config.data)
+    data_info = input_pipeline.dataset_info(config.data, channels=config.model.in_channels)
     if data_info.channels != config.model.in_channels:
         raise config_validation.ConfigError(
             f"The dataset has {data_info.channels} channels but config.model.in_channels="
@@ -168,9 +169,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     sample_fn = None
     if config.sample.every_steps:
         sample_fn = sampling.make_sample_fn(
-            model, config, mesh, sampler=config.sample.sampler,
-            num_steps=config.sample.num_steps, guidance_scale=config.sample.guidance_scale,
-            clip_x=config.sample.clip_x)
+            model, config, mesh, samplers.SamplerOptions.from_config(config.sample))
         sample_labels = sampling.replicate_labels(
             sampling.default_labels(config.sample.num_images, config.model.num_classes), mesh)
 
@@ -188,7 +187,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     data_iter = input_pipeline.create_input_iterator(
         config.data, image_size=config.model.image_size, global_batch_size=config.batch_size,
-        seed=config.seed, start_step=start_step)
+        seed=config.seed, start_step=start_step, channels=config.model.in_channels)
 
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              writer=writer)
