@@ -10,6 +10,7 @@ MPI, k8s) or given with --coordinator_address/--num_processes/--process_id.
 """
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -46,8 +47,22 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # Imported after distributed init: nothing may touch the JAX backend before it.
     from simple_diffusion import train  # pylint: disable=g-import-not-at-top
+    from simple_diffusion import checkpointing  # pylint: disable=g-import-not-at-top
+    from simple_diffusion import config_validation  # pylint: disable=g-import-not-at-top
+    from simple_diffusion import input_pipeline  # pylint: disable=g-import-not-at-top
+    from simple_diffusion import workdir_lock  # pylint: disable=g-import-not-at-top
     logging.info(distributed.describe())
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    expected = (config_validation.ConfigError, checkpointing.IncompatibleCheckpointError,
+                checkpointing.CheckpointExistsError, input_pipeline.DatasetNotFoundError,
+                workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
+                train.NonFiniteLossError)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except expected as e:
+        # Expected errors (config, data, checkpoint, workdir, diverged run) end with one
+        # line that says what and how to fix it; a traceback would bury it.
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"train: error: {e}")
 
 
 if __name__ == "__main__":

@@ -210,3 +210,19 @@ def test_empty_workdir_flag_is_refused_by_the_cli(tmp_path):
     assert "--workdir is empty" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_expected_errors_end_the_cli_with_one_line(tmp_path):
+    """A config error (here a silent-before value) stops the trainer with the message
+    and no traceback, before the workdir is touched."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    workdir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "simple_diffusion.main", f"--config={REPO}/configs/tiny.py",
+         f"--workdir={workdir}", "--config.optimizer.warmup_steps=-5"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0
+    assert "train: error: config.optimizer.warmup_steps=-5 must be >= 0" in out.stderr, (
+        out.stderr[-2000:])
+    assert "Traceback" not in out.stderr
+    assert not workdir.exists() or not any(workdir.iterdir())
