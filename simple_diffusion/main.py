@@ -57,7 +57,11 @@ def main(argv):
                 workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
                 train.NonFiniteLossError)
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        if "distill" in _CONFIG.value:  # configs/distill_*.py: progressive distillation.
+            from simple_diffusion import distill  # pylint: disable=g-import-not-at-top
+            distill.distill(_CONFIG.value, _WORKDIR.value)
+        else:
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except expected as e:
         # Expected errors (config, data, checkpoint, workdir, diverged run) end with one
         # line that says what and how to fix it; a traceback would bury it.
