@@ -326,7 +326,10 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, A
         raise config_validation.ConfigError(
             "config.distill.teacher_workdir is required, e.g. "
             "--config.distill.teacher_workdir=workdirs/demo")
-    teacher_config = sampling.load_run_config(d.teacher_workdir)
+    try:
+        teacher_config = sampling.load_run_config(d.teacher_workdir)
+    except FileNotFoundError as e:
+        raise config_validation.ConfigError(f"config.distill.teacher_workdir: {e}") from None
     plan = round_plan(d)
     if jax.process_index() == 0:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -400,11 +403,11 @@ def report(config: ml_collections.ConfigDict, workdir: str,
             _report_rows(config, workdir)):
         c = ml_collections.ConfigDict(run_config.to_dict())
         c.data = ml_collections.ConfigDict(config.data.to_dict())
-        c.eval.update(dict(dataclasses.asdict(options), feature=config.eval.feature,
-                           inception_weights=config.eval.get("inception_weights"),
-                           reference_split=config.eval.reference_split,
-                           num_samples=r.num_samples, num_reference=r.num_reference,
-                           batch_size=batch, seed=r.seed))
+        c.eval = ml_collections.ConfigDict(dict(  # Fresh: clip_x may be 'auto' (str) in c.
+            c.eval.to_dict(), **dataclasses.asdict(options), feature=config.eval.feature,
+            inception_weights=config.eval.get("inception_weights"),
+            reference_split=config.eval.reference_split, num_samples=r.num_samples,
+            num_reference=r.num_reference, batch_size=batch, seed=r.seed))
         model = models.create_model(c.model)
         if run_dir not in params_cache:
             abstract, _ = train_step_lib.sharded_abstract_params(model, c, mesh)
@@ -479,8 +482,11 @@ def main(argv):
             report(f.config, f.workdir, f.report_out)
         else:
             print(json.dumps(distill(f.config, f.workdir), default=str))
-    except (config_validation.ConfigError, FileNotFoundError) as e:
-        sys.exit(f"distill: error: {e}")
+    except (config_validation.ConfigError, FileNotFoundError,
+            checkpointing.IncompatibleCheckpointError, checkpointing.CheckpointExistsError,
+            input_pipeline.DatasetNotFoundError, workdir_lock.WorkdirLockedError,
+            workdir_lock.WorkdirLockLostError) as e:
+        sys.exit(f"distill: error: {e}")  # Expected errors: one line, no traceback.
 
 
 if __name__ == "__main__":
