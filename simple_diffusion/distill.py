@@ -104,12 +104,6 @@ def round_dir(workdir: str, k: int, num_steps: int) -> str:
     return os.path.join(workdir, f"round_{k}_steps_{num_steps}")
 
 
-def _sampler_section(section, *, num_steps: int, clip_x: bool, guidance_scale: float) -> None:
-    section.update(dataclasses.asdict(samplers.SamplerOptions(
-        sampler="ddim", num_steps=num_steps, eta=0.0, clip_x=clip_x,
-        guidance_scale=guidance_scale)))
-
-
 def student_config(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict,
                    k: int, num_steps: int) -> ml_collections.ConfigDict:
     """Round k's run config: the distillation config's run fields, the teacher's
@@ -212,6 +206,10 @@ def _completed(workdir: str, num_train_steps: int) -> bool:
         ckpt.close()
 
 
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
 def _check_finite(state) -> None:
     from simple_diffusion import train  # pylint: disable=g-import-not-at-top
     bad = int(jax.device_get(state["nonfinite_step"]))
@@ -248,9 +246,9 @@ def run_round(config: ml_collections.ConfigDict, workdir: str, teacher_workdir: 
         restored = ckpt.restore_latest(target, config)
         if restored is None:
             def init(params):  # Copies: params and every EMA are separate (donated) buffers.
-                return {"step": jnp.zeros((), jnp.int32), "params": jnp_copy(params),
+                return {"step": jnp.zeros((), jnp.int32), "params": _copy(params),
                         "opt_state": tx.init(params),
-                        "ema": [jnp_copy(params) for _ in config.ema_decays],
+                        "ema": [_copy(params) for _ in config.ema_decays],
                         "nonfinite_step": jnp.full((), -1, jnp.int32)}
             state, start = jax.jit(init, out_shardings=state_sh)(teacher_params), 0
         else:
@@ -295,10 +293,6 @@ def run_round(config: ml_collections.ConfigDict, workdir: str, teacher_workdir: 
         if step > start and sample_num_images:
             _write_grid(model, config, mesh, state["ema"][0], workdir, step, sample_num_images)
     return {"round": config.distillation.round, "step": step, "metrics": last}
-
-
-def jnp_copy(tree):
-    return jax.tree.map(jnp.copy, tree)
 
 
 def _write_grid(model, config, mesh, params, workdir: str, step: int, num_images: int) -> None:
