@@ -153,10 +153,10 @@ def make_distill_step(model, tx, config: ml_collections.ConfigDict, lr_schedule:
             return model.apply({"params": params}, z, logsnr, lab, train=True,
                                rngs={"dropout": dropout_rng})
 
-        teacher = distillation.make_denoiser(
+        teacher = samplers.make_denoiser(
             teacher_fn, labels=labels, null_label=num_classes or None,
             guidance_scale=guidance_scale, clip_x=teacher_clip_x, **kwargs)
-        student = distillation.make_denoiser(student_fn, labels=labels, **kwargs)
+        student = samplers.make_denoiser(student_fn, labels=labels, **kwargs)
         t, _, _ = distillation.sample_student_times(t_rng, image.shape[0], num_student_steps)
         eps = jax.random.normal(eps_rng, image.shape, jnp.float32)
         return distillation.distillation_loss(student, teacher, image, eps, t,
@@ -170,18 +170,8 @@ def make_distill_step(model, tx, config: ml_collections.ConfigDict, lr_schedule:
         rng = jax.random.fold_in(jax.random.key(config.seed), i)
         (loss, metrics), grads = grad_fn(state["params"], teacher_params, batch["image"],
                                          batch["label"], rng)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = {"step": i + 1, "params": params, "opt_state": opt_state,
-               "ema": [train_step_lib.ema_update(e, params, d, i)
-                       for e, d in zip(state["ema"], config.ema_decays)],
-               "nonfinite_step": state["nonfinite_step"]}
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        new["step"] = i + 1
-        new["nonfinite_step"] = jnp.where((~finite) & (state["nonfinite_step"] < 0), i,
-                                          state["nonfinite_step"])
+        new, grad_norm = train_step_lib.apply_gradients(state, grads, loss, tx,
+                                                        config.ema_decays)
         return new, dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(i))
 
     return step

@@ -31,8 +31,8 @@ w u = u, so label dropout during distillation also distils the unconditional
 model. Guidance distillation with w as a network input (Meng et al. 2023) is
 not implemented: it needs a w-embedding in the models.
 
-Every function here takes per-example logSNRs [B] (unlike
-`samplers.make_denoiser`, which steps one scalar logSNR for the whole batch).
+Every function here takes per-example logSNRs [B]; the teacher and student are
+`samplers.make_denoiser` wrappers, which accept a [B] logSNR.
 """
 
 from typing import Callable
@@ -40,12 +40,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from simple_diffusion import parametrization
 from simple_diffusion import samplers
 from simple_diffusion import schedules
 
-# (net_in [B', H, W, C], logsnr [B'], labels [B'] int32 or None) -> raw output [B', H, W, C].
-ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 # (z [B, H, W, C], logsnr [B]) -> (x_hat, eps_hat), both [B, H, W, C].
 Denoiser = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -65,55 +62,12 @@ def sample_student_times(rng: jax.Array, batch_size: int, num_student_steps: int
     return t, (i.astype(dtype) - 0.5) / n, (i - 1).astype(dtype) / n
 
 
-def make_denoiser(model_fn: ModelFn, *, prediction: str = "v", labels: jax.Array | None = None,
-                  null_label: int | None = None, guidance_scale: float = 0.0,
-                  clip_x: bool = False, sigma_data: float = 0.5) -> Denoiser:
-    """A network as denoise(z [B, H, W, C], logsnr [B]) -> (x_hat, eps_hat), per example.
-
-    Args:
-      model_fn: the raw network, see `ModelFn`.
-      prediction: 'eps' | 'x' | 'v' | 'edm' (how the raw output is read).
-      labels: [B] int32 class labels or None (unconditional).
-      null_label: the unconditional label (`num_classes`), needed for guidance.
-      guidance_scale: fixed w; 0 = plain conditional (one call on B), else one
-        call on the doubled batch [cond; uncond].
-      clip_x: clip x_hat to [-1, 1] and recompute eps_hat from it.
-      sigma_data: EDM data std (only for 'edm').
-    """
-    guided = guidance_scale != 0
-    if guided and (labels is None or null_label is None):
-        raise ValueError("guidance_scale != 0 needs labels and null_label")
-
-    def evaluate(z, logsnr, net_labels):
-        logsnr_b = _bcast(logsnr)
-        net_in = parametrization.network_input(z, logsnr_b, prediction, sigma_data)
-        raw = model_fn(net_in, logsnr, net_labels).astype(z.dtype)
-        return parametrization.predict_x_eps(raw, z, logsnr_b, prediction, sigma_data)
-
-    def denoise(z, logsnr):
-        if guided:
-            both = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-            x2, e2 = evaluate(jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]), both)
-            w = jnp.asarray(guidance_scale, z.dtype)
-            (xc, xu), (ec, eu) = jnp.split(x2, 2), jnp.split(e2, 2)
-            x_hat, eps_hat = (1.0 + w) * xc - w * xu, (1.0 + w) * ec - w * eu
-        else:
-            x_hat, eps_hat = evaluate(z, logsnr, labels)
-        if clip_x:
-            alpha, sigma = schedules.alpha_sigma(_bcast(logsnr))
-            x_hat = jnp.clip(x_hat, -1.0, 1.0)
-            eps_hat = parametrization.eps_from_x(z, x_hat, alpha, sigma)
-        return x_hat, eps_hat
-
-    return denoise
-
-
 def teacher_two_steps(teacher: Denoiser, z_t: jax.Array, logsnr_t: jax.Array,
                       logsnr_mid: jax.Array, logsnr_s: jax.Array) -> jax.Array:
     """z_s after two deterministic teacher DDIM steps t -> mid -> s.
 
     Args:
-      teacher: per-example denoiser (see `make_denoiser`).
+      teacher: per-example denoiser (`samplers.make_denoiser`).
       z_t: [B, H, W, C] state at t. logsnr_t < logsnr_mid < logsnr_s: [B] each.
 
     Returns:

@@ -164,45 +164,48 @@ def make_denoiser(model_fn: Callable, *, prediction: str = "v", labels=None, nul
       guidance_interval: None or (lo, hi): guidance only where lo <= logsnr <= hi.
         Outside the band only the conditional batch (B' = B) is evaluated, under
         `lax.cond`, so the interval saves the compute of the skipped branch.
+        Needs a scalar logsnr (one noise level for the batch).
       clip_x: clip x_hat to [-1, 1] (eps_hat is then recomputed from it).
       sigma_data: EDM data std (only for 'edm').
 
     Returns:
-      denoise(z [B, H, W, C], logsnr scalar) -> (x_hat, eps_hat), both like z.
+      denoise(z [B, H, W, C], logsnr scalar or [B]) -> (x_hat, eps_hat), both
+      like z. Samplers step one scalar logSNR; distillation gives one per example.
     """
     guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 0)
     if guided and (labels is None or null_label is None):
         raise ValueError("guidance_scale != 0 needs labels and null_label")
 
-    def evaluate(net_z, logsnr, net_labels):
-        logsnr_vec = jnp.full((net_z.shape[0],), logsnr, net_z.dtype)
+    def evaluate(net_z, logsnr_vec, net_labels):
         logsnr_b = logsnr_vec[:, None, None, None]
         net_in = parametrization.network_input(net_z, logsnr_b, prediction, sigma_data)
         raw = model_fn(net_in, logsnr_vec, net_labels).astype(net_z.dtype)
         return parametrization.predict_x_eps(raw, net_z, logsnr_b, prediction, sigma_data)
 
-    def conditional(z, logsnr):
-        return evaluate(z, logsnr, labels)
+    def conditional(z, logsnr_vec):
+        return evaluate(z, logsnr_vec, labels)
 
-    def guided_pair(z, logsnr):
+    def guided_pair(z, logsnr_vec):
         net_labels = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-        x_hat, eps_hat = evaluate(jnp.concatenate([z, z]), logsnr, net_labels)
+        x_hat, eps_hat = evaluate(jnp.concatenate([z, z]),
+                                  jnp.concatenate([logsnr_vec, logsnr_vec]), net_labels)
         w = jnp.asarray(guidance_scale, z.dtype)
         x_cond, x_uncond = jnp.split(x_hat, 2)
         eps_cond, eps_uncond = jnp.split(eps_hat, 2)
         return (1.0 + w) * x_cond - w * x_uncond, (1.0 + w) * eps_cond - w * eps_uncond
 
     def denoise(z, logsnr):
+        logsnr_vec = jnp.broadcast_to(jnp.asarray(logsnr, z.dtype), (z.shape[0],))
         if not guided:
-            x_hat, eps_hat = conditional(z, logsnr)
+            x_hat, eps_hat = conditional(z, logsnr_vec)
         elif guidance_interval is None:
-            x_hat, eps_hat = guided_pair(z, logsnr)
+            x_hat, eps_hat = guided_pair(z, logsnr_vec)
         else:
             lo, hi = guidance_interval
             x_hat, eps_hat = jax.lax.cond((logsnr >= lo) & (logsnr <= hi), guided_pair,
-                                          conditional, z, logsnr)
+                                          conditional, z, logsnr_vec)
         if clip_x:
-            alpha, sigma = schedules.alpha_sigma(logsnr)
+            alpha, sigma = schedules.alpha_sigma(logsnr_vec[:, None, None, None])
             x_hat = jnp.clip(x_hat, -1.0, 1.0)
             eps_hat = parametrization.eps_from_x(z, x_hat, alpha, sigma)
         return x_hat, eps_hat

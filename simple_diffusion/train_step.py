@@ -127,6 +127,34 @@ def drop_labels(rng: jax.Array, labels: jax.Array, num_classes: int, drop_prob: 
     return jnp.where(drop, num_classes, labels)
 
 
+def apply_gradients(state: State, grads: Any, loss: jax.Array,
+                    tx: optax.GradientTransformation, ema_decays) -> tuple[State, jax.Array]:
+    """One optimizer step and EMA update of ``state`` with ``grads``.
+
+    A step whose loss or gradient norm is not finite is dropped: the state is
+    kept (but ``step`` advances) and ``nonfinite_step`` records the first such
+    step. Returns (new_state, gradient global norm).
+    """
+    step, params = state["step"], state["params"]
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_state = {
+        "step": step + 1,
+        "params": new_params,
+        "opt_state": opt_state,
+        "ema": [ema_update(e, new_params, d, step) for e, d in zip(state["ema"], ema_decays)],
+        "nonfinite_step": state["nonfinite_step"],
+    }
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = jax.tree.map(keep, new_state, state)
+    new_state["step"] = step + 1
+    new_state["nonfinite_step"] = jnp.where(
+        (~finite) & (state["nonfinite_step"] < 0), step, state["nonfinite_step"])
+    return new_state, grad_norm
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, logsnr_fn: Callable,
                     lr_schedule: optax.Schedule, batch_sharding: jax.sharding.NamedSharding
@@ -190,24 +218,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
             metrics = jax.tree.map(lambda m: m / accum, metrics)
             loss = metrics["loss"]
 
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        new_state = {
-            "step": step + 1,
-            "params": new_params,
-            "opt_state": opt_state,
-            "ema": [ema_update(e, new_params, d, step)
-                    for e, d in zip(state["ema"], config.ema_decays)],
-            "nonfinite_step": state["nonfinite_step"],
-        }
-        # A non-finite step is dropped: keep the old state but record the step.
-        keep = lambda new, old: jnp.where(finite, new, old)
-        new_state = jax.tree.map(keep, new_state, state)
-        new_state["step"] = step + 1
-        new_state["nonfinite_step"] = jnp.where(
-            (~finite) & (state["nonfinite_step"] < 0), step, state["nonfinite_step"])
+        new_state, grad_norm = apply_gradients(state, grads, loss, tx, config.ema_decays)
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(step))
         return new_state, metrics
 

@@ -86,7 +86,7 @@ def test_target_is_two_teacher_ddim_steps(w):
     # One student DDIM step t -> t'' with x_hat = x_tilde lands on the teacher's z_t''.
     np.testing.assert_allclose(as_ * x_tilde + ss * (z_t - at * x_tilde) / st, z_s, atol=1e-10)
 
-    teacher = distillation.make_denoiser(
+    teacher = samplers.make_denoiser(
         lambda z, l, lab: _v_jnp(z, l, lab), labels=jnp.asarray(labels, jnp.int32),
         null_label=NULL, guidance_scale=w)
     got_z, got_l, got_x = distillation.distillation_target(
@@ -115,7 +115,7 @@ def test_student_equal_to_teacher_has_the_expected_loss():
     expected = np.mean(weight * np.mean((x_first - x_tilde) ** 2, axis=(1, 2, 3)))
     assert expected > 1e-4  # One teacher step is not two: the loss is not trivially 0.
 
-    net = distillation.make_denoiser(lambda z, l, lab: _v_jnp(z, l, lab),
+    net = samplers.make_denoiser(lambda z, l, lab: _v_jnp(z, l, lab),
                                      labels=jnp.asarray(labels, jnp.int32))
     loss, metrics = distillation.distillation_loss(
         net, net, jnp.asarray(x, jnp.float32), jnp.asarray(eps, jnp.float32),
@@ -138,7 +138,7 @@ def test_exact_denoiser_gives_the_data_as_target_and_zero_loss():
             [jnp.sqrt(jax.nn.sigmoid(l)), jnp.sqrt(jax.nn.sigmoid(-l))]))(logsnr).T
         return (alpha[:, None, None, None] * z - x0) / sigma[:, None, None, None]
 
-    net = distillation.make_denoiser(exact)
+    net = samplers.make_denoiser(exact)
     _, _, x_tilde = distillation.distillation_target(
         net, x0, jnp.asarray(eps, jnp.float32), jnp.asarray(t, jnp.float32), n, _logsnr_jnp)
     np.testing.assert_allclose(x_tilde, x, atol=2e-4)
