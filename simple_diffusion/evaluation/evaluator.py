@@ -45,41 +45,65 @@ def reference_stats(config: ml_collections.ConfigDict, extractor: Callable,
     return stats
 
 
+# (params, num_samples, seed, batch_size) -> (uint8 [K, H, W, C] images, int32 [K] labels).
+GenerateFn = Callable[[Any, int, int, int], tuple[np.ndarray, np.ndarray]]
+
+
 class Evaluator:
-    """Holds the compiled sampler, the feature network and the reference stats,
-    so periodic evaluation during training compiles once."""
+    """Holds the compiled generator, the feature network and the reference stats,
+    so periodic evaluation during training compiles once.
+
+    Generation and scoring are separate: ``score`` rates any images (a GAN's, a
+    VAE's, decoded latents), and ``generate_fn`` replaces the diffusion sampler
+    for models that are not pixel-space diffusion models.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str,
-                 *, model=None):
+                 *, model=None, generate_fn: GenerateFn | None = None):
         e = config.eval
         self.config, self.mesh, self.workdir = config, mesh, workdir
-        self.model = model or models.create_model(config.model)
         self.extractor = features_lib.get_feature_extractor(
             e.feature, e.get("inception_weights"), return_logits=e.feature == "inception_v3")
         self._feature_fn = (lambda x: self.extractor(x)[0]) if e.feature == "inception_v3" \
             else self.extractor
         self.ref = reference_stats(config, self._feature_fn, os.path.join(workdir, "eval"))
-        self.options = samplers.SamplerOptions.from_config(e)
-        self.sample_fn = sampling.make_sample_fn(self.model, config, mesh, self.options)
+        self.options = None
+        if generate_fn is None:  # Pixel-space diffusion: the run's sampler (config.eval).
+            self.model = model or models.create_model(config.model)
+            self.options = samplers.SamplerOptions.from_config(e)
+            self.sample_fn = sampling.make_sample_fn(self.model, config, mesh, self.options)
+
+            def generate_fn(params, num_samples, seed, batch_size):
+                return sampling.generate(
+                    self.config, params, self.mesh, self.options, num_samples=num_samples,
+                    labels=None, seed=seed, batch_size=batch_size, sample_fn=self.sample_fn)
+        self.generate_fn = generate_fn
 
     def __call__(self, params: Any, step: int) -> dict[str, float]:
-        """Samples ``config.eval.num_samples`` images with ``params`` and scores them."""
+        """Generates ``config.eval.num_samples`` images with ``params`` and scores them."""
         e = self.config.eval
-        images, _ = sampling.generate(
-            self.config, params, self.mesh, self.options, num_samples=e.num_samples,
-            labels=None, seed=e.seed, batch_size=e.batch_size, sample_fn=self.sample_fn)
+        images, labels = self.generate_fn(params, e.num_samples, e.seed, e.batch_size)
+        return self.score(images, labels, step)
+
+    def score(self, images: np.ndarray, labels: np.ndarray, step: int) -> dict[str, float]:
+        """Metrics of uint8 [K, H, W, C] ``images`` generated for int32 [K] ``labels``.
+
+        Writes ``<workdir>/eval/step_<step>.json`` (process 0) and returns the metrics.
+        """
+        e = self.config.eval
         out = self.extractor(images)
         feats, logits = out if isinstance(out, tuple) else (out, None)
         results = metrics_lib.compute_metrics(
             np.asarray(feats), self.ref, feature_name=e.feature,
             gen_logits=None if logits is None else np.asarray(logits),
-            kid_subset_size=min(1000, e.num_samples, e.num_reference))
+            kid_subset_size=min(1000, len(images), e.num_reference))
         results = {k: float(v) for k, v in results.items()}
         if jax.process_index() == 0:
             path = epath.Path(self.workdir) / "eval" / f"step_{step:08d}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
+            options = None if self.options is None else dataclasses.asdict(self.options)
             path.write_text(json.dumps(dict(
-                step=step, num_samples=e.num_samples, num_reference=e.num_reference,
+                step=step, num_samples=len(images), num_reference=e.num_reference,
                 reference_split=e.reference_split, feature=e.feature,
-                sampler_options=dataclasses.asdict(self.options), **results), indent=2))
+                sampler_options=options, **results), indent=2))
         return results
