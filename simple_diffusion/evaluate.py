@@ -64,22 +64,38 @@ def run() -> dict:
     if config.eval.feature == "inception_v3" and not config.eval.get("inception_weights"):
         raise ValueError("--feature=inception_v3 needs --inception_weights (see "
                          "docs/evaluation.md for converting pt_inception-2015-12-05).")
-    ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
-    try:
-        step = ckpt.resolve_step(_STEP.value)
-        mesh = sharding_lib.create_mesh(-1, 1)
-        model = models.create_model(config.model)
-        abstract, _ = train_step_lib.sharded_abstract_params(model, config, mesh)
-        params = ckpt.restore_params(step, abstract, ema_index=0)
-    finally:
-        ckpt.close()
-    results = evaluator_lib.Evaluator(config, mesh, _WORKDIR.value, model=model)(params, step)
+    step, results = evaluate_workdir(_WORKDIR.value, config, _STEP.value)
     writer = metric_writers.create_default_writer(
         _WORKDIR.value, just_logging=jax.process_index() > 0)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
     writer.close()
     logging.info("Step %d: %s", step, results)
     return {"step": step, **results}
+
+
+def load_ema_params(workdir: str, config, step: int | None = None):
+    """(step, EMA params, model, mesh) of checkpoint ``step`` (None: the latest) of the
+    diffusion run in ``workdir``, sharded over all devices."""
+    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+    try:
+        step = ckpt.resolve_step(step)
+        mesh = sharding_lib.create_mesh(-1, 1)
+        model = models.create_model(config.model)
+        abstract, _ = train_step_lib.sharded_abstract_params(model, config, mesh)
+        params = ckpt.restore_params(step, abstract, ema_index=0)
+    finally:
+        ckpt.close()
+    return step, params, model, mesh
+
+
+def evaluate_workdir(workdir: str, config, step: int | None = None) -> tuple[int, dict]:
+    """Scores checkpoint ``step`` (None: the latest) of the run in ``workdir``
+    with the evaluation settings of ``config.eval``; returns (step, metrics).
+
+    Writes ``<workdir>/eval/step_<N>.json`` (and caches reference statistics there).
+    """
+    step, params, model, mesh = load_ema_params(workdir, config, step)
+    return step, evaluator_lib.Evaluator(config, mesh, workdir, model=model)(params, step)
 
 
 def main(argv):
