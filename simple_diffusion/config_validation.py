@@ -56,6 +56,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     m = config.model
     _check("name" in m, "config.model is empty: set it from models.presets.get_preset(...).")
     _check(m.image_size > 0, f"config.model.image_size={m.image_size} must be positive.")
+    if "gan" in config:  # configs/dcgan_*.py (gan_train.py).
+        validate_gan(config)
     _validate_schedule(config.schedule, m.image_size)
     _validate_loss(config.loss, config.schedule, m.image_size)
     _check(0.0 <= config.cond_drop_prob < 1.0,
@@ -185,3 +187,37 @@ def validate_sampler(section: ml_collections.ConfigDict, where: str,
            f"{where}.spacing={options.spacing!r} needs a discrete ddpm_* schedule, not "
            f"config.schedule.name={schedule.name!r}.")
     return options
+
+
+def validate_gan(config: ml_collections.ConfigDict) -> None:
+    """``config.gan`` (gan_train.default_section) and its DCGAN ``config.model``."""
+    from simple_diffusion import gan  # pylint: disable=g-import-not-at-top
+    from simple_diffusion.models import dcgan  # pylint: disable=g-import-not-at-top
+    g, m = config.gan, config.model
+    _check(m.name == "dcgan", f"config.model.name={m.name!r}: a GAN config needs a DCGAN "
+           "model (models.dcgan.default_config).")
+    try:
+        levels = dcgan.num_levels(m.image_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name in ("g_channels", "d_channels"):
+        widths = tuple(m[name])
+        _check(len(widths) == levels and all(isinstance(w, int) and w > 0 for w in widths),
+               f"config.model.{name}={widths}: need {levels} positive widths for image_size="
+               f"{m.image_size} (one per 2x resolution change between 4x4 and it).")
+    _check(m.latent_dim > 0, f"config.model.latent_dim={m.latent_dim} must be > 0.")
+    _check(g.loss in gan.LOSSES, f"config.gan.loss={g.loss!r}; use one of {gan.LOSSES}.")
+    for name in ("d_steps_per_g_step", "g_steps_per_d_step"):
+        _check(isinstance(g[name], int) and g[name] >= 1,
+               f"config.gan.{name}={g[name]} must be an integer >= 1.")
+    _check(min(g.d_steps_per_g_step, g.g_steps_per_d_step) == 1,
+           f"config.gan.d_steps_per_g_step={g.d_steps_per_g_step} and g_steps_per_d_step="
+           f"{g.g_steps_per_d_step}: set one of them to 1 (the ratio is the other).")
+    _check(_finite(g.r1_gamma) and g.r1_gamma >= 0,
+           f"config.gan.r1_gamma={g.r1_gamma} must be >= 0 (0 = off).")
+    _check(g.d_optimizer.grad_accum_steps == 1 and config.optimizer.grad_accum_steps == 1,
+           "GAN training has no gradient accumulation: set grad_accum_steps=1.")
+    try:
+        _validate_optimizer(g.d_optimizer)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config.optimizer.", "config.gan.d_optimizer.")) from None

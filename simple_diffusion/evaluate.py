@@ -34,6 +34,7 @@ from simple_diffusion import sampler_flags
 from simple_diffusion import sampling
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
+from simple_diffusion.evaluation import classifier as classifier_lib
 from simple_diffusion.evaluation import evaluator as evaluator_lib
 
 
@@ -45,14 +46,23 @@ _FEATURE = flags.DEFINE_enum("feature", None, ["effnet_lite0", "inception_v3"],
                              "Default: config.eval.feature.")
 _INCEPTION = flags.DEFINE_string("inception_weights", None,
                                  "Converted pt_inception weights (.npz or the .pth).")
+_CLASSIFIER = flags.DEFINE_string(
+    "classifier", None, "Classification accuracy of conditional samples: 'fashion_mnist' or '' "
+    "(off). Default: config.eval.classifier (runs saved before it existed: their dataset's).")
+_EMA_INDEX = flags.DEFINE_integer(
+    "ema_index", 0, "EMA copy (config.ema_decays order); -1 = the raw params (e.g. a GAN's "
+    "raw generator). Index i > 0 / -1 writes eval/ema<i>/ / eval/raw/step_<N>.json.")
 
 
 def run() -> dict:
     """Evaluates as the flags say; returns the step and the metrics."""
     config = sampling.load_run_config(_WORKDIR.value)
+    if "classifier" not in config.eval:  # Saved before config.eval.classifier existed.
+        config.eval.classifier = classifier_lib.default_for(config)
     options = sampler_flags.options_from_flags(config, "eval")
     overrides = dict(num_samples=_NUM_SAMPLES.value, num_reference=_NUM_REFERENCE.value,
                      feature=_FEATURE.value, inception_weights=_INCEPTION.value,
+                     classifier=_CLASSIFIER.value,
                      **dataclasses.asdict(options))
     for key, value in overrides.items():
         if value is not None:
@@ -64,38 +74,55 @@ def run() -> dict:
     if config.eval.feature == "inception_v3" and not config.eval.get("inception_weights"):
         raise ValueError("--feature=inception_v3 needs --inception_weights (see "
                          "docs/evaluation.md for converting pt_inception-2015-12-05).")
-    step, results = evaluate_workdir(_WORKDIR.value, config, _STEP.value)
+    ema_index = None if _EMA_INDEX.value < 0 else _EMA_INDEX.value
+    step, results = evaluate_workdir(_WORKDIR.value, config, _STEP.value, ema_index=ema_index)
+    tag = _tag(ema_index)
     writer = metric_writers.create_default_writer(
         _WORKDIR.value, just_logging=jax.process_index() > 0)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    writer.write_scalars(step, {f"eval{'_' if tag else ''}{tag}/{k}": v
+                                for k, v in results.items()})
     writer.close()
     logging.info("Step %d: %s", step, results)
-    return {"step": step, **results}
+    return {"step": step, "params": tag or "ema0", **results}
 
 
-def load_ema_params(workdir: str, config, step: int | None = None):
+def _tag(ema_index: int | None) -> str:
+    """Where results of these params go: '' (EMA 0), 'ema<i>' or 'raw'."""
+    return "raw" if ema_index is None else (f"ema{ema_index}" if ema_index else "")
+
+
+def load_ema_params(workdir: str, config, step: int | None = None, ema_index: int | None = 0):
     """(step, EMA params, model, mesh) of checkpoint ``step`` (None: the latest) of the
-    diffusion run in ``workdir``, sharded over all devices."""
+    diffusion run in ``workdir``, sharded over all devices (``ema_index`` None: raw)."""
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
     try:
         step = ckpt.resolve_step(step)
         mesh = sharding_lib.create_mesh(-1, 1)
         model = models.create_model(config.model)
         abstract, _ = train_step_lib.sharded_abstract_params(model, config, mesh)
-        params = ckpt.restore_params(step, abstract, ema_index=0)
+        params = ckpt.restore_params(step, abstract, ema_index=ema_index)
     finally:
         ckpt.close()
     return step, params, model, mesh
 
 
-def evaluate_workdir(workdir: str, config, step: int | None = None) -> tuple[int, dict]:
+def evaluate_workdir(workdir: str, config, step: int | None = None,
+                     ema_index: int | None = 0) -> tuple[int, dict]:
     """Scores checkpoint ``step`` (None: the latest) of the run in ``workdir``
     with the evaluation settings of ``config.eval``; returns (step, metrics).
+    ``ema_index``: the EMA copy to score (None: the raw params).
 
     Writes ``<workdir>/eval/step_<N>.json`` (and caches reference statistics there).
     """
-    step, params, model, mesh = load_ema_params(workdir, config, step)
-    return step, evaluator_lib.Evaluator(config, mesh, workdir, model=model)(params, step)
+    if "gan" in config:  # A DCGAN run (gan_train.py): its generator, one call per image.
+        from simple_diffusion import gan_train  # pylint: disable=g-import-not-at-top
+        step, params, mesh = gan_train.load_generator(workdir, config, step, ema_index)
+        evaluator = evaluator_lib.Evaluator(config, mesh, workdir,
+                                            generate_fn=gan_train.make_generate_fn(config, mesh))
+    else:
+        step, params, model, mesh = load_ema_params(workdir, config, step, ema_index)
+        evaluator = evaluator_lib.Evaluator(config, mesh, workdir, model=model)
+    return step, evaluator(params, step, tag=_tag(ema_index))
 
 
 def main(argv):

@@ -60,6 +60,9 @@ def main(argv):
         if "distill" in _CONFIG.value:  # configs/distill_*.py: progressive distillation.
             from simple_diffusion import distill  # pylint: disable=g-import-not-at-top
             distill.distill(_CONFIG.value, _WORKDIR.value)
+        elif "gan" in _CONFIG.value:  # configs/dcgan_*.py: DCGAN (gan_train.py).
+            from simple_diffusion import gan_train  # pylint: disable=g-import-not-at-top
+            gan_train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
         else:
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except expected as e:

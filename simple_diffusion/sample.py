@@ -54,25 +54,34 @@ def run() -> str:
         raise ValueError(f"--num_samples={_NUM_SAMPLES.value} must be >= 1.")
     if _BATCH.value < 0:
         raise ValueError(f"--batch_size={_BATCH.value} must be >= 0 (0: all in one call).")
-    ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
-    try:
-        step = ckpt.resolve_step(_STEP.value)
-        mesh = sharding_lib.create_mesh(-1, 1)
-        abstract, _ = train_step_lib.sharded_abstract_params(
-            models.create_model(config.model), config, mesh)
-        params = ckpt.restore_params(step, abstract,
-                                     ema_index=None if _EMA_INDEX.value < 0 else _EMA_INDEX.value)
-    finally:
-        ckpt.close()
+    ema_index = None if _EMA_INDEX.value < 0 else _EMA_INDEX.value
+    gan = "gan" in config  # A DCGAN run (gan_train.py): one generator call, no sampler.
+    if gan:
+        from simple_diffusion import gan_train  # pylint: disable=g-import-not-at-top
+        step, params, mesh = gan_train.load_generator(_WORKDIR.value, config, _STEP.value,
+                                                      ema_index)
+    else:
+        ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
+        try:
+            step = ckpt.resolve_step(_STEP.value)
+            mesh = sharding_lib.create_mesh(-1, 1)
+            abstract, _ = train_step_lib.sharded_abstract_params(
+                models.create_model(config.model), config, mesh)
+            params = ckpt.restore_params(step, abstract, ema_index=ema_index)
+        finally:
+            ckpt.close()
     logging.info("Sampling %d images from step %d with %s", _NUM_SAMPLES.value, step, options)
     images, used_labels = sampling.generate(
         config, params, mesh, options, num_samples=_NUM_SAMPLES.value, labels=labels,
         seed=_SEED.value, batch_size=_BATCH.value,
-        progress=sampler_flags.progress_logger("sample"))
-    out_dir = _OUTPUT.value or os.path.join(
-        _WORKDIR.value, "samples_cli",
-        f"step_{step}_{options.sampler}_{options.num_steps}_g{options.guidance_scale:g}"
-        f"_s{_SEED.value}")
+        progress=sampler_flags.progress_logger("sample"),
+        sample_fn=gan_train.make_sample_fn(config, mesh) if gan else None)
+    name = (f"step_{step}_{options.sampler}_{options.num_steps}_g{options.guidance_scale:g}"
+            f"_s{_SEED.value}")
+    if gan:
+        which = "raw" if ema_index is None else f"ema{ema_index}"
+        name = f"step_{step}_gan_{which}_s{_SEED.value}"
+    out_dir = _OUTPUT.value or os.path.join(_WORKDIR.value, "samples_cli", name)
     if jax.process_index() == 0:
         sampling.write_outputs(out_dir, images, used_labels)
         with open(os.path.join(out_dir, "sampler.json"), "w") as f:

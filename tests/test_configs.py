@@ -33,7 +33,11 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # Distillation configs run the distillation loop, not the train step: their runs are
 # tested in test_distillation.py; here they are validated.
 DISTILL = [name for name in CONFIG_FILES if name.startswith("distill_")]
-CASES = [(name, ARGS.get(name, (None,))[0]) for name in CONFIG_FILES if name not in DISTILL]
+# GAN configs train through gan_train (no denoiser): validated here, their shrunk
+# copies train, resume and sample in test_gan.py.
+GAN = [name for name in CONFIG_FILES if name.startswith("dcgan_")]
+CASES = [(name, ARGS.get(name, (None,))[0]) for name in CONFIG_FILES
+         if name not in DISTILL + GAN]
 
 
 def _load(name, arg=None):
@@ -88,6 +92,13 @@ def test_distillation_configs_validate(name):
     config = _load(name)
     config_validation.validate_config(config, num_devices=8, process_count=1)
     assert config.distill
+
+
+@pytest.mark.parametrize("name", GAN)
+def test_gan_configs_validate(name):
+    config = _load(name)
+    config_validation.validate_config(config, num_devices=8, process_count=1)
+    assert config.gan and config.model.name == "dcgan"
 
 
 @pytest.mark.parametrize("name,arg", CASES)

@@ -19,6 +19,7 @@ from simple_diffusion import input_pipeline
 from simple_diffusion import models
 from simple_diffusion import samplers
 from simple_diffusion import sampling
+from simple_diffusion.evaluation import classifier as classifier_lib
 from simple_diffusion.evaluation import features as features_lib
 from simple_diffusion.evaluation import metrics as metrics_lib
 
@@ -67,6 +68,12 @@ class Evaluator:
         self._feature_fn = (lambda x: self.extractor(x)[0]) if e.feature == "inception_v3" \
             else self.extractor
         self.ref = reference_stats(config, self._feature_fn, os.path.join(workdir, "eval"))
+        # Classification accuracy of class-conditional samples (classifier.py);
+        # trained once and cached if missing.
+        self.classifier = None
+        if e.get("classifier") and config.model.get("num_classes"):
+            classifier_lib.check_compatible(e.classifier, config)
+            self.classifier = classifier_lib.load(e.classifier, data_config=config.data)
         self.options = None
         if generate_fn is None:  # Pixel-space diffusion: the run's sampler (config.eval).
             self.model = model or models.create_model(config.model)
@@ -79,16 +86,18 @@ class Evaluator:
                     labels=None, seed=seed, batch_size=batch_size, sample_fn=self.sample_fn)
         self.generate_fn = generate_fn
 
-    def __call__(self, params: Any, step: int) -> dict[str, float]:
+    def __call__(self, params: Any, step: int, tag: str = "") -> dict[str, float]:
         """Generates ``config.eval.num_samples`` images with ``params`` and scores them."""
         e = self.config.eval
         images, labels = self.generate_fn(params, e.num_samples, e.seed, e.batch_size)
-        return self.score(images, labels, step)
+        return self.score(images, labels, step, tag=tag)
 
-    def score(self, images: np.ndarray, labels: np.ndarray, step: int) -> dict[str, float]:
+    def score(self, images: np.ndarray, labels: np.ndarray, step: int,
+              tag: str = "") -> dict[str, float]:
         """Metrics of uint8 [K, H, W, C] ``images`` generated for int32 [K] ``labels``.
 
-        Writes ``<workdir>/eval/step_<step>.json`` (process 0) and returns the metrics.
+        Writes ``<workdir>/eval/step_<step>.json`` (``eval/<tag>/step_<step>.json`` with a
+        ``tag``, e.g. 'raw' for non-EMA params; process 0) and returns the metrics.
         """
         e = self.config.eval
         out = self.extractor(images)
@@ -98,12 +107,17 @@ class Evaluator:
             gen_logits=None if logits is None else np.asarray(logits),
             kid_subset_size=min(1000, len(images), e.num_reference))
         results = {k: float(v) for k, v in results.items()}
+        if self.classifier is not None:
+            results.update(classifier_lib.accuracy_metrics(
+                self.classifier.predict(images), labels, self.config.model.num_classes))
+            results["classifier_test_accuracy"] = self.classifier.test_accuracy
         if jax.process_index() == 0:
-            path = epath.Path(self.workdir) / "eval" / f"step_{step:08d}.json"
+            path = epath.Path(self.workdir) / "eval" / tag / f"step_{step:08d}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             options = None if self.options is None else dataclasses.asdict(self.options)
             path.write_text(json.dumps(dict(
-                step=step, num_samples=len(images), num_reference=e.num_reference,
+                step=step, tag=tag, num_samples=len(images), num_reference=e.num_reference,
                 reference_split=e.reference_split, feature=e.feature,
+                classifier=self.classifier and self.classifier.path,
                 sampler_options=options, **results), indent=2))
         return results
