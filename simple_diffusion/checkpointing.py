@@ -15,8 +15,10 @@ and the next older step is tried. All workdir file operations go through
 ``etils.epath``, so they work alike on local disks and ``gs://``.
 """
 
+import errno
 import functools
 import json
+import os
 from typing import Any
 
 from absl import logging
@@ -40,6 +42,35 @@ class CheckpointExistsError(FileExistsError):
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint's arrays do not match the current config's train state."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written: disk full, read-only or not permitted.
+
+    The message names the checkpoint directory and the cause in one line.
+    """
+
+
+# Errors of the filesystem, not of the program: (errno, what the OS says).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+# tensorstore (orbax's array writer) reports them as text in a ValueError.
+_WRITE_ERROR_TEXTS = tuple(os.strerror(n) for n in _WRITE_ERRNOS)
+
+
+def filesystem_write_cause(error: BaseException) -> str | None:
+    """What the OS said if ``error`` (or its cause/context chain) is a write refused
+    by the filesystem (no space, read-only, permission, quota), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+            return f"{os.strerror(error.errno)} [errno {error.errno}]"
+        text = str(error)
+        for n, message in zip(_WRITE_ERRNOS, _WRITE_ERROR_TEXTS):
+            if message in text or f"os_error_code='{n}'" in text:
+                return f"{message} [errno {n}]"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _key_name(key: Any) -> str:
@@ -204,6 +235,31 @@ def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
             child.copy(dst / child.name, overwrite=True)
 
 
+def _release_orbax_waiters() -> None:
+    """Ends orbax's save threads still waiting for a signal of a failed save.
+
+    When a save fails early (e.g. a read-only filesystem refuses its temporary
+    directory), orbax leaves non-daemon threads waiting for signals that never
+    come, for its coordination timeout (minutes): the process could not exit.
+    Each is cancelled and its signals set, so it wakes and returns. Best effort
+    (orbax internals), only after a CheckpointWriteError.
+    """
+    try:
+        import threading  # pylint: disable=g-import-not-at-top
+        from orbax.checkpoint._src.futures import future as ocp_future  # pylint: disable=g-import-not-at-top
+        waiting = [t for t in threading.enumerate()
+                   if isinstance(t, ocp_future._SignalingThread) and t.is_alive()]  # pylint: disable=protected-access
+        for thread in waiting:
+            thread.cancel()
+            ocp_future.set_signals(thread._receive_signals,  # pylint: disable=protected-access
+                                   operation_id=thread._operation_id)  # pylint: disable=protected-access
+        for thread in waiting:
+            thread.join(timeout=10)
+    except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Could not release orbax's waiting save threads (%r); the process may "
+                        "wait for orbax's timeout before it exits.", e)
+
+
 def require_workdir(workdir: Any) -> str:
     """``workdir`` as a string; ValueError if it is empty (it would mean the cwd)."""
     workdir = "" if workdir is None else str(workdir)
@@ -225,6 +281,8 @@ class Checkpointer:
         self._workdir_path = epath.Path(workdir)
         self.directory = str(self._workdir_path / "checkpoints")
         self._workdir = workdir
+        self._pending_step: int | None = None  # The async save in flight.
+        self._write_failed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -266,6 +324,7 @@ class Checkpointer:
                 "trainer may be writing to this workdir. Nothing was overwritten.")
         checksums = {"algorithm": CHECKSUM_ALGORITHM, "arrays": tree_checksums(state)}
         try:
+            # Also waits for the previous async save, whose failure surfaces here.
             saved = self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state),
                 config=ocp.args.JsonSave(config.to_dict()),
@@ -274,15 +333,50 @@ class Checkpointer:
             raise CheckpointExistsError(
                 f"Checkpoint {step_dir} already exists, so step {step} was not saved: another "
                 "trainer may be writing to this workdir. Nothing was overwritten.") from e
+        except Exception as e:  # pylint: disable=broad-except
+            self._raise_if_write_refused(e, self._pending_step or step)
+            raise
         if not saved:
             raise RuntimeError(f"orbax did not save checkpoint step {step} in {self.directory}.")
+        self._pending_step = step
+
+    def _raise_if_write_refused(self, error: Exception, step: int) -> None:
+        """Raises CheckpointWriteError (one line) if the filesystem refused the write."""
+        cause = filesystem_write_cause(error)
+        if cause is None:
+            return
+        self._write_failed = True
+        raise CheckpointWriteError(
+            f"Cannot write checkpoint step {step} to {self.directory}: {cause}. The training "
+            "stopped; the checkpoints already complete there are intact. Free space or make "
+            "the workdir writable, then rerun the same command to resume from the latest "
+            "complete checkpoint.") from None
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            self._raise_if_write_refused(e, self._pending_step)
+            raise
+        self._pending_step = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for a pending save and releases orbax's threads.
+
+        After a CheckpointWriteError it only releases them: the failed save
+        would raise again.
+        """
+        if self._write_failed:
+            try:
+                self._manager.close()
+            except Exception:  # pylint: disable=broad-except
+                pass  # Already reported as the CheckpointWriteError.
+            _release_orbax_waiters()
+            return
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def check_compatible(self, step: int, abstract_state: Any,
                          config: ml_collections.ConfigDict) -> None:

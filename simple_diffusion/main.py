@@ -37,7 +37,21 @@ class _QuietLibraries(std_logging.Filter):
     """Drops INFO chatter of orbax (several lines per save) from the run log."""
 
     def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        if record.exc_info and _write_refused(record.exc_info[1]):
+            # A full or read-only disk: the trainer stops with one line naming the
+            # checkpoint and the cause; orbax's threads each log the same traceback.
+            record.msg, record.args = record.getMessage().splitlines()[0][:300], None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _write_refused(error) -> bool:
+    from simple_diffusion import checkpointing  # pylint: disable=g-import-not-at-top
+    return checkpointing.filesystem_write_cause(error) is not None
 
 
 def main(argv):
@@ -51,11 +65,13 @@ def main(argv):
     from simple_diffusion import config_validation  # pylint: disable=g-import-not-at-top
     from simple_diffusion import input_pipeline  # pylint: disable=g-import-not-at-top
     from simple_diffusion import workdir_lock  # pylint: disable=g-import-not-at-top
+    from simple_diffusion.evaluation import metrics  # pylint: disable=g-import-not-at-top
     logging.info(distributed.describe())
     expected = (config_validation.ConfigError, checkpointing.IncompatibleCheckpointError,
                 checkpointing.CheckpointExistsError, input_pipeline.DatasetNotFoundError,
                 workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
-                train.NonFiniteLossError)
+                train.NonFiniteLossError, checkpointing.CheckpointWriteError,
+                metrics.StatsFileError)
     try:
         if "distill" in _CONFIG.value:  # configs/distill_*.py: progressive distillation.
             from simple_diffusion import distill  # pylint: disable=g-import-not-at-top

@@ -5,6 +5,8 @@ import logging
 import os
 import pathlib
 import shutil
+import subprocess
+import threading
 
 from etils import epath
 import jax
@@ -169,6 +171,82 @@ def test_save_never_skips_an_existing_step(tmp_path):
         ckpt.save(2, state, config)
     ckpt.close()
     assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == [1, 2]
+
+
+def _mount_tmpfs(path: pathlib.Path, size: str) -> bool:
+    """Mounts a tmpfs of ``size`` at ``path``; False where this process may not."""
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, check=False).returncode == 0
+
+
+def _orbax_threads_waiting() -> list[str]:
+    from orbax.checkpoint._src.futures import future  # pylint: disable=g-import-not-at-top
+    return [t.name for t in threading.enumerate()
+            if isinstance(t, future._SignalingThread) and t.is_alive()]  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("fault,async_save", [("read_only", False), ("read_only", True),
+                                              ("full", True)])
+def test_a_refused_write_stops_with_one_line_naming_the_path(tmp_path, fault, async_save):
+    """A disk that turns read-only or full under a run: one line with the checkpoint
+    directory and the OS's words, and nothing left hanging (orbax's threads)."""
+    root = tmp_path / "disk"
+    root.mkdir()
+    mounted = _mount_tmpfs(root, "256k")
+    if not mounted and (fault == "full" or os.geteuid() == 0):
+        pytest.skip("needs a tmpfs mount (root) to fill a disk or refuse root's writes")
+    try:
+        ckpt = checkpointing.Checkpointer(str(root / "wd"), async_save=async_save)
+        config = ml_collections.ConfigDict({"a": 1})
+        ckpt.save(1, {"x": jnp.arange(4.0)}, config)
+        ckpt.wait()
+        if fault == "full":
+            state, cause = {"x": jnp.arange(100_000.0)}, "No space left on device"  # 400 kB.
+        elif mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+            state, cause = {"x": jnp.arange(4.0)}, "Read-only file system"
+        else:
+            for d in (root / "wd", root / "wd" / "checkpoints"):
+                d.chmod(0o555)
+            state, cause = {"x": jnp.arange(4.0)}, "Permission denied"
+        with pytest.raises(checkpointing.CheckpointWriteError) as error:
+            ckpt.save(2, state, config)
+            ckpt.save(3, state, config)  # An async failure shows at the next save at the latest.
+        message = str(error.value)
+        assert "\n" not in message and cause in message
+        assert f"Cannot write checkpoint step 2 to {ckpt.directory}:" in message
+        assert isinstance(error.value, OSError)
+        ckpt.close()  # Neither raises again nor waits for orbax's timeout.
+        assert not _orbax_threads_waiting()
+        assert sorted(p.name for p in (root / "wd" / "checkpoints").iterdir()
+                      if p.name.isdigit()) == ["1"]
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(root)], check=False)
+        else:
+            for d in (root / "wd", root / "wd" / "checkpoints"):
+                if d.exists():
+                    d.chmod(0o755)
+
+
+def test_the_trainer_log_keeps_one_line_of_orbax_write_failures():
+    from simple_diffusion import main  # pylint: disable=g-import-not-at-top
+    error = ValueError('RESOURCE_EXHAUSTED: Error writing "x/0": Failed to write 356853 bytes '
+                       "to file 7: No space left on device [os_error_code='28']\nmore")
+    record = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/x.py", 1,
+                               "Save failed: %s", (error,), (ValueError, error, None))
+    assert main._QuietLibraries().filter(record)  # pylint: disable=protected-access
+    assert record.exc_info is None and "\n" not in record.getMessage()
+    assert "No space left on device" in record.getMessage()
+    bug = ValueError("a bug")
+    record = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/x.py", 1,
+                               "failed", (), (ValueError, bug, None))
+    assert main._QuietLibraries().filter(record) and record.exc_info  # pylint: disable=protected-access
+    info = logging.LogRecord("absl", logging.INFO, "/site-packages/orbax/checkpoint/x.py", 1,
+                             "chatter", (), None)
+    assert not main._QuietLibraries().filter(info)  # pylint: disable=protected-access
 
 
 def test_empty_workdir_is_refused_by_the_checkpointer(tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """Fréchet distance, KID, Inception Score and metric bookkeeping vs closed forms."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -174,6 +176,29 @@ def test_stats_roundtrip(tmp_path):
     np.testing.assert_array_equal(loaded.features, stats.features)
     metrics.save_stats(path, stats.mu, stats.sigma)
     assert metrics.load_stats(path).features is None
+
+
+def test_unreadable_stats_files_name_the_path_and_the_fix(tmp_path):
+    stats = metrics.compute_stats(np.random.default_rng(0).normal(size=(30, 4)), keep_for_kid=5)
+    good = str(tmp_path / "good.npz")
+    metrics.save_stats(good, stats.mu, stats.sigma, features=stats.features)
+    assert os.listdir(tmp_path) == ["good.npz"]  # Written atomically: no temporary left.
+    with open(good, "rb") as f:
+        data = f.read()
+    truncated, text, wrong = (str(tmp_path / n) for n in ("cut.npz", "text.npz", "wrong.npz"))
+    with open(truncated, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with open(text, "w") as f:
+        f.write("mu sigma\n1 2\n")
+    np.savez(wrong, mean=stats.mu)
+    for path in (truncated, text, wrong):
+        with pytest.raises(metrics.StatsFileError) as error:
+            metrics.load_stats(path)
+        message = str(error.value)
+        assert path in message and "Delete it" in message and "\n" not in message
+        assert isinstance(error.value, ValueError)  # The CLIs' one-line errors.
+    with pytest.raises(FileNotFoundError):
+        metrics.load_stats(str(tmp_path / "absent.npz"))
 
 
 def test_compute_metrics_names_and_values():

@@ -7,6 +7,8 @@ always-available EfficientNet-Lite0 features give `fd_effnet_lite0` and
 """
 
 import dataclasses
+import os
+import zipfile
 
 import numpy as np
 import scipy.special
@@ -14,6 +16,10 @@ import scipy.special
 from simple_diffusion.evaluation import frechet
 
 FEATURE_NAMES = ("effnet_lite0", "inception_v3")
+
+
+class StatsFileError(ValueError):
+    """A reference-statistics file cannot be read; the message names it and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +61,39 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *,
               "sigma": np.asarray(sigma, np.float64)}
     if features is not None:
         arrays["features"] = np.asarray(features, np.float32)
-    with open(path, "wb") as f:
+    # Written next to the target and renamed: a run killed mid-write leaves no
+    # truncated cache for the next run to trip over.
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    with open(tmp_path, "wb") as f:
         np.savez(f, **arrays)
+    os.replace(tmp_path, path)
 
 
 def load_stats(path: str) -> FeatureStats:
-    """Reads statistics written by `save_stats` (or pytorch-fid's `.npz`)."""
-    with np.load(path) as data:
-        features = data["features"] if "features" in data.files else None
-        return FeatureStats(data["mu"].astype(np.float64),
-                            data["sigma"].astype(np.float64), features)
+    """Reads statistics written by `save_stats` (or pytorch-fid's `.npz`).
+
+    Raises:
+      StatsFileError: the file is not a readable `.npz` with `mu` and `sigma`
+        (truncated, not a zip, wrong arrays); the message names the file and
+        says to delete it, so that the evaluator recomputes it.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            features = data["features"] if "features" in data.files else None
+            return FeatureStats(data["mu"].astype(np.float64),
+                                data["sigma"].astype(np.float64), features)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # np.load raises ValueError/OSError for a file that is not .npy/.npz
+        # (e.g. text), BadZipFile or EOFError for a truncated one, KeyError for
+        # an .npz without the arrays; none of them names the file.
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise StatsFileError(
+            f"Cannot read reference statistics {path} ({reason}). It is not an .npz with "
+            "'mu' and 'sigma' arrays written by save_stats or pytorch-fid, or it is damaged. "
+            "Delete it (the evaluator recomputes and caches the statistics on its next run) "
+            "or point to a good copy.") from None
 
 
 def inception_score(logits: np.ndarray, *, num_splits: int = 10
