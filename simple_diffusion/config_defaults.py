@@ -64,9 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Sample-quality evaluation (simple_diffusion/evaluate.py), EMA params of
     # ema_decays[0]. 'effnet_lite0' reports fd_effnet_lite0 / kid_effnet_lite0;
     # 'inception_v3' (needs the converted pt_inception weights) reports FID/IS.
+    # classifier: 'fashion_mnist' adds the classification accuracy of
+    # class-conditional samples (evaluation/classifier.py); '' = off.
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=0, num_samples=1000, num_reference=2000, reference_split="test",
-        feature="effnet_lite0",
+        feature="effnet_lite0", classifier="",
         inception_weights=ml_collections.FieldReference(None, field_type=str), seed=0,
         batch_size=256, **dict(samplers.config_fields(), num_steps=128)))
 

@@ -82,6 +82,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                "(the converted pt_inception-2015-12-05 weights, docs/evaluation.md).")
         _check(e.num_samples >= 2 and e.num_reference >= 2,
                "config.eval.num_samples and num_reference must be >= 2.")
+        if e.get("classifier"):
+            from simple_diffusion.evaluation import classifier  # pylint: disable=g-import-not-at-top
+            try:
+                classifier.check_compatible(e.classifier, config)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     _check(config.data.prefetch >= 0,
            f"config.data.prefetch={config.data.prefetch} must be >= 0 (0 = no prefetching).")
     _check(config.log_every_steps > 0, "config.log_every_steps must be > 0.")

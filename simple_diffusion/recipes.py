@@ -184,7 +184,8 @@ def fashion_mnist(c: ml_collections.ConfigDict, model_preset: str, *,
     network and budget: model preset ``model_preset`` at 32x32x1 with 10
     classes, batch 64, AdamW 1e-3 with 100 warm-up steps and cosine decay to
     0.1x, EMA 0.999, float32, one device group, sample grids every 400 steps
-    and evaluation against 2000 test images. [project] throughout.
+    and evaluation against 2000 test images, with the classification accuracy of
+    the samples (``evaluation/classifier.py``). [project] throughout.
     """
     c.model = presets.get_preset(model_preset)
     c.model.image_size = 32
@@ -207,6 +208,7 @@ def fashion_mnist(c: ml_collections.ConfigDict, model_preset: str, *,
     c.eval.reference_split = "test"
     c.eval.num_samples = 1000
     c.eval.num_reference = 2000
+    c.eval.classifier = "fashion_mnist"
     c.log_every_steps = 50
     c.checkpoint_every_steps = 400
     c.keep_every_steps = 0

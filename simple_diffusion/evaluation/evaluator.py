@@ -63,17 +63,17 @@ class Evaluator:
                  *, model=None, generate_fn: GenerateFn | None = None):
         e = config.eval
         self.config, self.mesh, self.workdir = config, mesh, workdir
+        # Classification accuracy of class-conditional samples (classifier.py;
+        # trained once and cached if missing). A wrong dataset fails here, first.
+        self.classifier = None
+        if e.get("classifier") and config.model.get("num_classes"):
+            classifier_lib.check_compatible(e.classifier, config)
+            self.classifier = classifier_lib.load(e.classifier, data_config=config.data)
         self.extractor = features_lib.get_feature_extractor(
             e.feature, e.get("inception_weights"), return_logits=e.feature == "inception_v3")
         self._feature_fn = (lambda x: self.extractor(x)[0]) if e.feature == "inception_v3" \
             else self.extractor
         self.ref = reference_stats(config, self._feature_fn, os.path.join(workdir, "eval"))
-        # Classification accuracy of class-conditional samples (classifier.py);
-        # trained once and cached if missing.
-        self.classifier = None
-        if e.get("classifier") and config.model.get("num_classes"):
-            classifier_lib.check_compatible(e.classifier, config)
-            self.classifier = classifier_lib.load(e.classifier, data_config=config.data)
         self.options = None
         if generate_fn is None:  # Pixel-space diffusion: the run's sampler (config.eval).
             self.model = model or models.create_model(config.model)
