@@ -30,7 +30,7 @@ def get_config(ratio: str = "1:1") -> ml_collections.ConfigDict:
     except ValueError:
         raise ValueError(f"D:G ratio {ratio!r}: use e.g. 1:1, 2:1 or 1:2 "
                          "(--config=configs/dcgan_fashion_mnist.py:1:2).") from None
-    c = recipes.fashion_mnist(config_defaults.base_config(), "demo", num_train_steps=2000)
+    c = recipes.fashion_mnist(config_defaults.base_config(), "demo", num_train_steps=1500)
     c.model = dcgan.default_config(image_size=32, in_channels=1, num_classes=10)
     c.schedule.name = "cosine"  # Diffusion fields are unused; this one has no resolution.
     c.gan = gan_train.default_section()
@@ -42,5 +42,5 @@ def get_config(ratio: str = "1:1") -> ml_collections.ConfigDict:
     c.optimizer.grad_clip_norm = 0.0
     c.sample.every_steps = 500
     c.checkpoint_every_steps = 500
-    c.eval.every_steps = 1000
+    c.eval.every_steps = 750
     return c

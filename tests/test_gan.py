@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
@@ -19,6 +20,7 @@ import pytest
 from simple_diffusion import config_validation
 from simple_diffusion import gan
 from simple_diffusion import gan_train
+from simple_diffusion import sampling
 from simple_diffusion import sharding
 
 from conftest import load_config  # pylint: disable=g-bad-import-order
@@ -202,13 +204,21 @@ def _adam_counts(arrays, prefix):
     return {k: int(v) for k, v in arrays.items() if k.startswith(prefix) and "count" in k}
 
 
-def test_resume_is_bit_exact_and_the_update_ratio_is_honoured(image_folder, tmp_path):
+@pytest.fixture(scope="module")
+def straight_run(image_folder, tmp_path_factory):
+    """4 iterations of 2 D + 1 G updates in one go (checkpoints at 2 and 4, grids at 4)."""
     c = tiny_gan_config(image_folder)
     c.gan.d_steps_per_g_step = 2
-    straight = str(tmp_path / "straight")
-    summary = gan_train.train_and_evaluate(c, straight)
-    assert (summary["step"], summary["d_updates"], summary["g_updates"]) == (4, 8, 4)
+    c.sample.every_steps = 4
+    workdir = str(tmp_path_factory.mktemp("gan_straight"))
+    return c, workdir, gan_train.train_and_evaluate(c, workdir)
 
+
+def test_resume_is_bit_exact_and_the_update_ratio_is_honoured(straight_run, tmp_path):
+    c, straight, summary = straight_run
+    assert (summary["step"], summary["d_updates"], summary["g_updates"]) == (4, 8, 4)
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.sample.every_steps = 0
     resumed = str(tmp_path / "resumed")
     c.num_train_steps = 2
     assert gan_train.train_and_evaluate(c, resumed)["step"] == 2
@@ -227,35 +237,38 @@ def test_resume_is_bit_exact_and_the_update_ratio_is_honoured(image_folder, tmp_
 
     # And the other way round: two G updates per D update.
     c.gan.d_steps_per_g_step, c.gan.g_steps_per_d_step = 1, 2
-    c.num_train_steps = 2
+    c.num_train_steps = 1
     summary = gan_train.train_and_evaluate(c, str(tmp_path / "g2"))
-    assert (summary["d_updates"], summary["g_updates"]) == (2, 4)
+    assert (summary["d_updates"], summary["g_updates"]) == (1, 2)
 
 
-def test_sample_cli_draws_from_the_ema_and_the_raw_generator(image_folder, tmp_path):
-    c = tiny_gan_config(image_folder)
-    c.num_train_steps = 2
-    c.sample.every_steps = 2
-    workdir = str(tmp_path / "run")
-    gan_train.train_and_evaluate(c, workdir)
+def test_sample_cli_and_load_generator_give_the_raw_and_the_ema_generator(straight_run,
+                                                                            tmp_path):
+    c, workdir, _ = straight_run
     assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
-        "step_00000002.png", "step_00000002_raw.png"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    outs = {}
-    for index in ("0", "-1"):
-        out = tmp_path / f"samples{index}"
-        done = subprocess.run(
-            [sys.executable, "-m", "simple_diffusion.sample", f"--workdir={workdir}",
-             "--num_samples=6", "--labels=1", f"--ema_index={index}", f"--output_dir={out}"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        with np.load(out / "samples.npz") as f:
-            outs[index] = f["images"], f["labels"]
-    for images, labels in outs.values():
-        assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
-        np.testing.assert_array_equal(labels, [1] * 6)
-        assert images.std() > 0
-    assert not np.array_equal(outs["0"][0], outs["-1"][0])  # EMA and raw G differ.
+        "step_00000004.png", "step_00000004_raw.png"]
+    out = tmp_path / "raw"
+    done = subprocess.run(
+        [sys.executable, "-m", "simple_diffusion.sample", f"--workdir={workdir}",
+         "--num_samples=6", "--labels=1", "--ema_index=-1", "--seed=3", f"--output_dir={out}"],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(out / "samples.npz") as f:
+        cli_images, cli_labels = f["images"], f["labels"]
+    assert cli_images.shape == (6, 8, 8, 1) and cli_images.dtype == np.uint8
+    np.testing.assert_array_equal(cli_labels, [1] * 6)
+    assert cli_images.std() > 0
+    # The same draw in this process, from the raw and from the EMA generator.
+    images = {}
+    for index in (None, 0):
+        step, params, mesh = gan_train.load_generator(workdir, c, None, index)
+        assert step == 4
+        images[index], _ = sampling.generate(
+            c, params, mesh, gan_train.NO_SAMPLER, num_samples=6, labels=np.array([1]),
+            seed=3, sample_fn=gan_train.make_sample_fn(c, mesh))
+    np.testing.assert_array_equal(images[None], cli_images)
+    assert not np.array_equal(images[0], images[None])  # EMA and raw G differ.
 
 
 @pytest.mark.parametrize("field,value,match", [
