@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
         # An unreadable image in a folder: 'fail' (stop, naming it) | 'skip'
         # (log it once, use the next readable image, count it); docs/data.md.
         on_bad_image="fail",
+        # grain worker processes decoding images (0: grain threads in the trainer's
+        # process); for large images, where one process cannot keep up. docs/data.md.
+        worker_processes=0,
     ))
 
     # t -> logSNR (t = 1 is noise); `name` picks the family. See schedules.py.

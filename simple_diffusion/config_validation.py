@@ -90,6 +90,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                 raise ConfigError(str(err)) from None
     _check(config.data.prefetch >= 0,
            f"config.data.prefetch={config.data.prefetch} must be >= 0 (0 = no prefetching).")
+    _check(config.data.get("worker_processes", 0) >= 0,
+           f"config.data.worker_processes={config.data.get('worker_processes')} must be >= 0 "
+           "(0 = decode in the trainer's process).")
     _check(config.log_every_steps > 0, "config.log_every_steps must be > 0.")
     _check(config.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be > 0.")
     _check(config.keep_checkpoints >= 1, "config.keep_checkpoints must be >= 1.")

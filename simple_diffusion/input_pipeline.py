@@ -20,6 +20,11 @@ global batch of step ``s`` is a pure function of ``(seed, s)``: resuming at
 of processes; process ``p`` of ``P`` yields the contiguous slice ``p`` of the
 global batch (``global_batch_size // P`` examples), which it alone reads.
 
+Reading runs on grain (``grain_pipeline.py``): a ``grain.MapDataset`` of this
+process's examples in the sampler's order, decoded by grain's prefetch
+threads, or with ``data_config.worker_processes > 0`` by that many grain
+worker processes (``mp_prefetch``), each building whole batches.
+
 Preprocessing: center crop to a square, resize to ``image_size`` (PIL box
 filter, i.e. area averaging, when shrinking; bicubic when enlarging),
 optional random horizontal flip, then [0, max] -> float32 in [-1, 1], where
@@ -127,6 +132,10 @@ class _Source:
         """The raw records of examples ``indices``, in order."""
         raise NotImplementedError
 
+    def describe(self, index: int) -> str:
+        """Where example ``index`` comes from (a folder's file path)."""
+        return f"example {index}"
+
     def decode(self, record) -> tuple[np.ndarray, int]:
         """Returns ([H, W, channels] image, int label) of a fetched record.
 
@@ -214,6 +223,9 @@ class _FolderSource(_Source):
 
     def fetch(self, indices: Sequence[int]) -> list[tuple[str, int]]:
         return [(self._paths[i], self._labels[i]) for i in indices]
+
+    def describe(self, index: int) -> str:
+        return self._paths[index]
 
     def decode(self, record: tuple[str, int]) -> tuple[np.ndarray, int]:
         path, label = record
@@ -507,15 +519,48 @@ class IndexSampler:
         self._batch_size = global_batch_size
         self._seed = int(seed)
         self._permutations: dict[int, np.ndarray] = {}
+        self._flips: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # index/flip are called from decoding threads.
+
+    def __getstate__(self):
+        state = dict(self.__dict__, _permutations={}, _flips={})
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            # At most two epochs are live at a time (a batch straddling them).
-            if len(self._permutations) >= 2:
-                del self._permutations[min(self._permutations)]
+        with self._lock:
+            permutation = self._permutations.get(epoch)
+        if permutation is None:
             rng = np.random.default_rng([self._seed, _PERMUTATION_STREAM, epoch])
-            self._permutations[epoch] = rng.permutation(self._num_examples)
-        return self._permutations[epoch]
+            permutation = rng.permutation(self._num_examples)
+            with self._lock:
+                # At most a few epochs are live at a time (batches straddling them,
+                # threads decoding ahead).
+                while len(self._permutations) >= 3:
+                    del self._permutations[min(self._permutations)]
+                self._permutations[epoch] = permutation
+        return permutation
+
+    def index(self, step: int, slot: int) -> int:
+        """``indices(step)[slot]``, without computing the rest of the batch."""
+        epoch, offset = divmod(step * self._batch_size + slot, self._num_examples)
+        return int(self._permutation(epoch)[offset])
+
+    def flip(self, step: int, slot: int) -> bool:
+        """``flips(step)[slot]``."""
+        with self._lock:
+            flips = self._flips.get(step)
+        if flips is None:
+            flips = self.flips(step)
+            with self._lock:
+                while len(self._flips) >= 64:
+                    del self._flips[min(self._flips)]
+                self._flips[step] = flips
+        return bool(flips[slot])
 
     def indices(self, step: int) -> np.ndarray:
         """Example indices of step ``step``'s global batch: int64 [global_batch_size]."""
@@ -643,8 +688,8 @@ def create_input_iterator(
     process_count: int | None = None,
     num_workers: int | None = None,
     channels: int | None = None,
-) -> InputIterator:
-    """The endless, resumable training batches of this process.
+) -> "grain_pipeline.GrainInputIterator":
+    """The endless, resumable training batches of this process, read by grain.
 
     Args:
       data_config: the ``config.data`` ConfigDict (module docstring).
@@ -655,14 +700,16 @@ def create_input_iterator(
       start_step: the first step to yield (the restored step when resuming).
       process_index: this process, default ``jax.process_index()``.
       process_count: number of processes, default ``jax.process_count()``.
-      num_workers: threads decoding and resizing images, default
+      num_workers: grain threads decoding and resizing images (per worker
+        process with ``data_config.worker_processes > 0``), default
         ``min(8, cpu_count)``.
       channels: C, the model's ``in_channels``: a folder's images are
         converted to it, a TFDS dataset must have it. None: the dataset's
         (a folder's first image decides).
 
     Returns:
-      An ``InputIterator`` of dicts ``{'image': float32 [B, image_size,
+      A ``grain_pipeline.GrainInputIterator`` (``next``, ``close``, ``with``,
+      ``skipped_images``, ``bad_image_paths``) of dicts ``{'image': float32 [B, image_size,
       image_size, C] in [-1, 1], 'label': int32 [B]}``, B =
       ``global_batch_size // process_count``: the contiguous slice
       ``process_index`` of the global batch of each step. Its
@@ -683,6 +730,30 @@ def create_input_iterator(
     local_batch_size = global_batch_size // process_count
     local = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
     source = _reading_source(data_config, None, channels)
+    policy = _bad_image_policy(data_config)
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"config.data.on_bad_image={policy!r}; use 'fail' or 'skip'.")
+    sampler = IndexSampler(len(source), global_batch_size, seed)
+    from simple_diffusion import grain_pipeline  # pylint: disable=g-import-not-at-top
+    return grain_pipeline.create_grain_iterator(
+        source, policy, sampler, process_index=process_index,
+        local_batch_size=local_batch_size, image_size=image_size,
+        random_flip=data_config.random_flip, start_step=start_step,
+        prefetch=data_config.prefetch, num_threads=num_workers or _default_num_workers(),
+        worker_processes=data_config.get("worker_processes", 0))
+
+
+def _thread_pool_iterator(data_config: ml_collections.ConfigDict, *, image_size: int,
+                          global_batch_size: int, seed: int, start_step: int = 0,
+                          process_index: int = 0, process_count: int = 1,
+                          num_workers: int | None = None,
+                          channels: int | None = None) -> InputIterator:
+    """The hand-written pipeline grain replaced (a thread pool decoding each batch,
+    a prefetch thread): the same batches. Kept only as the baseline of
+    ``benchmarks/decode_throughput.py``."""
+    local_batch_size = global_batch_size // process_count
+    local = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
+    source = _reading_source(data_config, None, channels)
     loader = _ExampleLoader(source, _bad_image_policy(data_config))
     sampler = IndexSampler(len(source), global_batch_size, seed)
     pool = concurrent.futures.ThreadPoolExecutor(num_workers or _default_num_workers(),
@@ -691,7 +762,6 @@ def create_input_iterator(
     def load(index: int, record, flip: bool) -> tuple[np.ndarray, int, bool]:
         image, label, replaced = loader.load(index, record)
         image = center_crop_and_resize(image, image_size)
-        # Scaled per image (elementwise, so bitwise the same as per batch).
         return _to_model_range(image[:, ::-1] if flip else image), label, replaced
 
     def make_batch(step: int) -> tuple[dict[str, np.ndarray], int]:

@@ -7,12 +7,14 @@ gzip + NumPy, independently of the builder.
 import gzip
 import os
 import threading
+import time
 
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from simple_diffusion import grain_pipeline
 from simple_diffusion import input_pipeline
 from simple_diffusion.datasets import fashion_mnist_local
 
@@ -214,14 +216,52 @@ def test_grayscale_folder_without_classes(tmp_path):
     np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 40])
 
 
-def test_close_stops_the_prefetch_thread(fmnist_config):
+def test_close_stops_the_prefetch_threads(fmnist_config):
+    before = set(threading.enumerate())
     iterator = input_pipeline.create_input_iterator(
         fmnist_config, image_size=32, global_batch_size=8, seed=0)
+    assert isinstance(iterator, grain_pipeline.GrainInputIterator)  # Read by grain.
     next(iterator)
     iterator.close()
-    assert not any(t.name == "input_prefetch" and t.is_alive() for t in threading.enumerate())
+    deadline = time.time() + 10
+    while time.time() < deadline and [t for t in threading.enumerate()
+                                      if t not in before and t.is_alive()]:
+        time.sleep(0.1)
+    assert not [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
     with pytest.raises(StopIteration):
         next(iterator)
+
+
+def test_grain_worker_processes_give_the_same_batches(tmp_path):
+    """Decoding in grain's worker processes changes nothing: same batches as in
+    process, also resumed and with half the global batch per process."""
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        _write_png(str(tmp_path / f"c{i % 2}" / f"{i}.png"),
+                   rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    config = _config(source="folder", folder=str(tmp_path), random_flip=True)
+    kwargs = dict(image_size=8, global_batch_size=4, seed=2, channels=3)
+    threads = _take(input_pipeline.create_input_iterator(
+        config, process_index=0, process_count=1, **kwargs), 4)
+    config.worker_processes = 2
+    workers = _take(input_pipeline.create_input_iterator(
+        config, process_index=0, process_count=1, **kwargs), 4)
+    second_half = _take(input_pipeline.create_input_iterator(
+        config, process_index=1, process_count=2, start_step=2, **kwargs), 2)
+    for step in range(4):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(workers[step][key], threads[step][key])
+            if step >= 2:
+                np.testing.assert_array_equal(second_half[step - 2][key],
+                                              threads[step][key][2:])
+    assert set(workers[0]) == {"image", "label"}
+
+
+def test_sampler_index_and_flip_match_the_batch_arrays():
+    sampler = input_pipeline.IndexSampler(10, 4, seed=1)
+    for step in range(6):  # Straddles epochs.
+        assert [sampler.index(step, i) for i in range(4)] == sampler.indices(step).tolist()
+        assert [sampler.flip(step, i) for i in range(4)] == sampler.flips(step).tolist()
 
 
 def test_errors_while_loading_reach_the_caller(tmp_path):
