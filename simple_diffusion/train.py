@@ -159,6 +159,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
         state, start_step = restored
         logging.info("Resumed %s from step %d.", workdir, start_step)
+        if start_step >= config.num_train_steps:
+            # Not an error: re-running a finished run's command must stay a no-op.
+            logging.warning(
+                "Nothing to train: the checkpoint in %s is at step %d and "
+                "config.num_train_steps=%d. To train further, raise "
+                "--config.num_train_steps above %d.", workdir, start_step,
+                config.num_train_steps, start_step)
+            ckpt.close()
+            writer.close()
+            return {"step": start_step, "metrics": {}, "preempted": False}
     _write_config(config, workdir)
     if jax.process_index() == 0:
         parameter_overview.log_parameter_overview(state["params"])

@@ -165,6 +165,28 @@ def test_restore_onto_a_different_mesh(tiny_run, tiny_config, tmp_path):
     _assert_trees_equal(_params(workdir, 20), _params(src, 20))
 
 
+def test_resuming_past_num_train_steps_says_so(tiny_run, tiny_config, tmp_path, caplog):
+    src, _ = tiny_run
+    workdir = str(tmp_path / "done")
+    shutil.copytree(src, workdir)
+    def files():  # A TensorBoard writer is opened (an events file) before the restore.
+        return sorted(f for f in os.listdir(workdir) if not f.startswith("events.out"))
+    before = files()
+    caplog.set_level("WARNING")
+    for num_train_steps in (10, 20):  # Below and equal to the saved step 20.
+        caplog.clear()
+        tiny_config.num_train_steps = num_train_steps
+        summary = train.train_and_evaluate(tiny_config, workdir)
+        assert summary["step"] == 20 and not summary["preempted"]
+        [message] = [r.getMessage() for r in caplog.records if "Nothing to train" in r.getMessage()]
+        assert "step 20" in message and f"num_train_steps={num_train_steps}" in message
+        assert "--config.num_train_steps" in message
+    # Nothing written: no new checkpoint, sample or config.
+    assert files() == before
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == sorted(
+        os.listdir(os.path.join(src, "checkpoints")))
+
+
 def test_nonfinite_loss_stops_with_step_and_writes_no_checkpoint(tiny_config, tmp_path):
     config = tiny_config
     config.optimizer.learning_rate = 1e35
