@@ -35,23 +35,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     Raises:
       ConfigError: with the field, the bad value and the fix.
     """
-    mesh_shape = sharding.mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp)
-    b, accum = config.batch_size, config.optimizer.grad_accum_steps
-    _check(b > 0, f"config.batch_size={b} must be positive.")
-    _check(accum >= 1, f"config.optimizer.grad_accum_steps={accum} must be >= 1.")
-    _check(b % process_count == 0,
-           f"config.batch_size={b} is not divisible by the {process_count} processes: each "
-           f"process loads batch_size / processes examples. Use a multiple of {process_count}.")
-    _check(b % accum == 0,
-           f"config.batch_size={b} is not divisible by grad_accum_steps={accum}.")
-    micro = b // accum
-    _check(micro % num_devices == 0,
-           f"The (micro-)batch of {micro} examples (batch_size={b} / grad_accum_steps={accum}) is "
-           f"not divisible by the {num_devices} devices ({num_devices // process_count} per "
-           f"process x {process_count} processes): per host {b // process_count}, per device "
-           f"{micro / num_devices:.2f}. Use a batch_size that is a multiple of "
-           f"{num_devices * accum}.")
-    _check(config.num_train_steps > 0, f"config.num_train_steps={config.num_train_steps} must be > 0.")
+    mesh_shape = _validate_batch(config, num_devices, process_count)
 
     m = config.model
     _check("name" in m, "config.model is empty: set it from models.presets.get_preset(...).")
@@ -88,6 +72,38 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                 classifier.check_compatible(e.classifier, config)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+    _validate_run_fields(config)
+    if "latent" in config:
+        _validate_latent(config)
+    return mesh_shape
+
+
+def _validate_batch(config: ml_collections.ConfigDict, num_devices: int,
+                    process_count: int) -> tuple[int, int]:
+    """Batch, accumulation and step count for this device layout; the mesh shape."""
+    mesh_shape = sharding.mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp)
+    b, accum = config.batch_size, config.optimizer.grad_accum_steps
+    _check(b > 0, f"config.batch_size={b} must be positive.")
+    _check(accum >= 1, f"config.optimizer.grad_accum_steps={accum} must be >= 1.")
+    _check(b % process_count == 0,
+           f"config.batch_size={b} is not divisible by the {process_count} processes: each "
+           f"process loads batch_size / processes examples. Use a multiple of {process_count}.")
+    _check(b % accum == 0,
+           f"config.batch_size={b} is not divisible by grad_accum_steps={accum}.")
+    micro = b // accum
+    _check(micro % num_devices == 0,
+           f"The (micro-)batch of {micro} examples (batch_size={b} / grad_accum_steps={accum}) is "
+           f"not divisible by the {num_devices} devices ({num_devices // process_count} per "
+           f"process x {process_count} processes): per host {b // process_count}, per device "
+           f"{micro / num_devices:.2f}. Use a batch_size that is a multiple of "
+           f"{num_devices * accum}.")
+    _check(config.num_train_steps > 0, f"config.num_train_steps={config.num_train_steps} must be > 0.")
+
+    return mesh_shape
+
+
+def _validate_run_fields(config: ml_collections.ConfigDict) -> None:
+    """Data, logging and checkpoint fields every trainer reads."""
     _check(config.data.prefetch >= 0,
            f"config.data.prefetch={config.data.prefetch} must be >= 0 (0 = no prefetching).")
     _check(config.data.get("worker_processes", 0) >= 0,
@@ -103,7 +119,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     _check(config.data.on_bad_image in ("fail", "skip"),
            f"config.data.on_bad_image={config.data.on_bad_image!r}; use 'fail' (stop at an "
            "unreadable image, naming it) or 'skip' (use the next readable image instead).")
-    return mesh_shape
 
 
 def _finite(x) -> bool:
@@ -230,3 +245,92 @@ def validate_gan(config: ml_collections.ConfigDict) -> None:
         _validate_optimizer(g.d_optimizer)
     except ConfigError as e:
         raise ConfigError(str(e).replace("config.optimizer.", "config.gan.d_optimizer.")) from None
+
+
+def validate_autoencoder_config(config: ml_collections.ConfigDict, *, num_devices: int,
+                                process_count: int) -> tuple[int, int]:
+    """An autoencoder / VAE run (``config.autoencoder``, autoencoder_train.py); returns
+    the mesh shape."""
+    from simple_diffusion import autoencoder as ae_lib  # pylint: disable=g-import-not-at-top
+    from simple_diffusion.models import autoencoder as ae_models  # pylint: disable=g-import-not-at-top
+    mesh_shape = _validate_batch(config, num_devices, process_count)
+    _check(mesh_shape[1] == 1, f"config.mesh.fsdp={config.mesh.fsdp}: autoencoder runs are "
+           "data-parallel (parameters replicated); set --config.mesh.fsdp=1.")
+    try:
+        ae_models.from_config(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    a = config.autoencoder
+    _check(a.rec_loss in ae_lib.REC_LOSSES,
+           f"config.autoencoder.rec_loss={a.rec_loss!r}; use one of {ae_lib.REC_LOSSES}.")
+    for name in ("kl_weight", "perceptual_weight", "disc_weight"):
+        _check(_finite(a[name]) and a[name] >= 0,
+               f"config.autoencoder.{name}={a[name]} must be finite and >= 0 (0: off).")
+    _check(a.disc_start >= 0, f"config.autoencoder.disc_start={a.disc_start} must be >= 0.")
+    _check(a.disc_layers >= 1 and a.disc_channels >= 1,
+           "config.autoencoder.disc_layers and disc_channels must be >= 1.")
+    _check(a.perceptual_size >= 32, f"config.autoencoder.perceptual_size={a.perceptual_size} "
+           "must be >= 32 (EfficientNet-Lite0 downsamples 32x).")
+    _check(a.disc_learning_rate is None or (_finite(a.disc_learning_rate) and
+                                            a.disc_learning_rate > 0),
+           f"config.autoencoder.disc_learning_rate={a.disc_learning_rate} must be > 0 (or None "
+           "for config.optimizer.learning_rate).")
+    _check(len(config.ema_decays) >= 1, "config.ema_decays needs at least one decay.")
+    for d in config.ema_decays:
+        _check(0.0 < d < 1.0, f"config.ema_decays has {d}; each decay must be in (0, 1).")
+    _validate_optimizer(config.optimizer)
+    _check(config.sample.num_images % num_devices == 0,
+           f"config.sample.num_images={config.sample.num_images} must be a multiple of the "
+           f"{num_devices} devices.")
+    e = config.eval
+    if e.every_steps:
+        _check(e.feature in ("effnet_lite0", "inception_v3"),
+               f"config.eval.feature={e.feature!r}; use 'effnet_lite0' or 'inception_v3'.")
+        _check(e.num_samples >= 2 and e.num_reference >= 2,
+               "config.eval.num_samples and num_reference must be >= 2.")
+        if e.get("classifier"):
+            from simple_diffusion.evaluation import classifier  # pylint: disable=g-import-not-at-top
+            try:
+                classifier.check_compatible(e.classifier, config)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+    _validate_run_fields(config)
+    return mesh_shape
+
+
+LATENT_DATA = ("cached", "on_the_fly")
+
+
+def _validate_latent(config: ml_collections.ConfigDict) -> None:
+    """``config.latent`` of a latent-diffusion run (latent.default_section); the
+    autoencoder workdir itself is checked when the run starts
+    (``check_autoencoder_workdir``)."""
+    l = config.latent
+    _check(bool(l.autoencoder_workdir),
+           "config.latent.autoencoder_workdir is required: the workdir of a trained "
+           "autoencoder, e.g. --config.latent.autoencoder_workdir=workdirs/"
+           "autoencoder_fashion_mnist.")
+    _check(l.data in LATENT_DATA, f"config.latent.data={l.data!r}; use one of {LATENT_DATA}.")
+    _check(l.scale_factor is None or (_finite(l.scale_factor) and l.scale_factor > 0),
+           f"config.latent.scale_factor={l.scale_factor} must be > 0 (or None: 1/std of the "
+           "latents of the first scale_num_batches batches).")
+    _check(l.scale_num_batches >= 1,
+           f"config.latent.scale_num_batches={l.scale_num_batches} must be >= 1.")
+    _check(l.pixel_size > 0 and l.pixel_size % config.model.image_size == 0,
+           f"config.latent.pixel_size={l.pixel_size} must be a multiple of the latent size "
+           f"config.model.image_size={config.model.image_size} (pixel_size / f).")
+    _check(l.data != "cached" or not config.data.random_flip,
+           "config.latent.data='cached' stores latents of unflipped images: set "
+           "--config.data.random_flip=False or --config.latent.data=on_the_fly.")
+
+
+def check_autoencoder_workdir(workdir: str) -> None:
+    """ConfigError unless ``workdir`` holds a trained autoencoder run."""
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    path = epath.Path(workdir)
+    trained = (path / "config.json").exists() and any(
+        p.name.isdigit() for p in (path / "checkpoints").glob("*")) if path.exists() else False
+    _check(trained, f"config.latent.autoencoder_workdir={workdir} holds no trained autoencoder "
+           "(config.json and checkpoints/); train it first: python -m simple_diffusion.main "
+           f"--config=configs/autoencoder_fashion_mnist.py --workdir={workdir} (or the "
+           "autoencoder config of this latent config's docstring).")

@@ -57,13 +57,14 @@ _EMA_INDEX = flags.DEFINE_integer(
 def run() -> dict:
     """Evaluates as the flags say; returns the step and the metrics."""
     config = sampling.load_run_config(_WORKDIR.value)
-    if "classifier" not in config.eval:  # Saved before config.eval.classifier existed.
+    autoencoder = "autoencoder" in config  # autoencoder_train.py: no sampler.
+    if "classifier" not in config.eval and not autoencoder:  # Saved before it existed.
         config.eval.classifier = classifier_lib.default_for(config)
-    options = sampler_flags.options_from_flags(config, "eval")
+    options = None if autoencoder else sampler_flags.options_from_flags(config, "eval")
     overrides = dict(num_samples=_NUM_SAMPLES.value, num_reference=_NUM_REFERENCE.value,
                      feature=_FEATURE.value, inception_weights=_INCEPTION.value,
                      classifier=_CLASSIFIER.value,
-                     **dataclasses.asdict(options))
+                     **(dataclasses.asdict(options) if options else {}))
     for key, value in overrides.items():
         if value is not None:
             config.eval[key] = value
@@ -114,6 +115,9 @@ def evaluate_workdir(workdir: str, config, step: int | None = None,
 
     Writes ``<workdir>/eval/step_<N>.json`` (and caches reference statistics there).
     """
+    if "autoencoder" in config:  # autoencoder_train.py: reconstructions (+ VAE samples).
+        from simple_diffusion import autoencoder_train  # pylint: disable=g-import-not-at-top
+        return autoencoder_train.evaluate_workdir(workdir, config, step, ema_index)
     if "gan" in config:  # A DCGAN run (gan_train.py): its generator, one call per image.
         from simple_diffusion import gan_train  # pylint: disable=g-import-not-at-top
         step, params, mesh = gan_train.load_generator(workdir, config, step, ema_index)
@@ -121,7 +125,12 @@ def evaluate_workdir(workdir: str, config, step: int | None = None,
                                             generate_fn=gan_train.make_generate_fn(config, mesh))
     else:
         step, params, model, mesh = load_ema_params(workdir, config, step, ema_index)
-        evaluator = evaluator_lib.Evaluator(config, mesh, workdir, model=model)
+        generate_fn = None
+        if "latent" in config:  # latent.py: the sampler's latents decoded to pixels.
+            from simple_diffusion import latent  # pylint: disable=g-import-not-at-top
+            generate_fn = latent.load(config, mesh).make_generate_fn(model, config)
+        evaluator = evaluator_lib.Evaluator(config, mesh, workdir, model=model,
+                                            generate_fn=generate_fn)
     return step, evaluator(params, step, tag=_tag(ema_index))
 
 

@@ -76,6 +76,9 @@ def main(argv):
         if "distill" in _CONFIG.value:  # configs/distill_*.py: progressive distillation.
             from simple_diffusion import distill  # pylint: disable=g-import-not-at-top
             distill.distill(_CONFIG.value, _WORKDIR.value)
+        elif "autoencoder" in _CONFIG.value:  # configs/{autoencoder,vae}_*.py (KL autoencoder).
+            from simple_diffusion import autoencoder_train  # pylint: disable=g-import-not-at-top
+            autoencoder_train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
         elif "gan" in _CONFIG.value:  # configs/dcgan_*.py: DCGAN (gan_train.py).
             from simple_diffusion import gan_train  # pylint: disable=g-import-not-at-top
             gan_train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -75,7 +75,8 @@ def run() -> str:
         config, params, mesh, options, num_samples=_NUM_SAMPLES.value, labels=labels,
         seed=_SEED.value, batch_size=_BATCH.value,
         progress=sampler_flags.progress_logger("sample"),
-        sample_fn=gan_train.make_sample_fn(config, mesh) if gan else None)
+        sample_fn=gan_train.make_sample_fn(config, mesh) if gan else _latent_sample_fn(
+            config, mesh, options))
     name = (f"step_{step}_{options.sampler}_{options.num_steps}_g{options.guidance_scale:g}"
             f"_s{_SEED.value}")
     if gan:
@@ -90,6 +91,15 @@ def run() -> str:
     print(f"Wrote {len(images)} samples (step {step}, {options.sampler}, {options.num_steps} "
           f"steps, guidance {options.guidance_scale:g}) to {out_dir}")
     return out_dir
+
+
+def _latent_sample_fn(config, mesh, options):
+    """For a latent-diffusion run (latent.py): the sampler's latents decoded to pixels."""
+    if "latent" not in config:
+        return None
+    from simple_diffusion import latent  # pylint: disable=g-import-not-at-top
+    return latent.load(config, mesh).decoding(
+        sampling.make_sample_fn(models.create_model(config.model), config, mesh, options))
 
 
 def main(argv):

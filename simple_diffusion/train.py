@@ -31,6 +31,7 @@ import numpy as np
 from simple_diffusion import checkpointing
 from simple_diffusion import config_validation
 from simple_diffusion import input_pipeline
+from simple_diffusion import latent
 from simple_diffusion import models
 from simple_diffusion import optimizer as optimizer_lib
 from simple_diffusion import samplers
@@ -117,11 +118,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh_shape = config_validation.validate_config(
         config, num_devices=jax.device_count(), process_count=jax.process_count())
     # Fail on a missing dataset before compiling anything.
-    data_info = input_pipeline.dataset_info(config.data, channels=config.model.in_channels)
-    if data_info.channels != config.model.in_channels:
+    image_size, channels = latent.pixel_shape(config)  # The model's, except for latent runs.
+    data_info = input_pipeline.dataset_info(config.data, channels=channels)
+    if data_info.channels != channels:
         raise config_validation.ConfigError(
-            f"The dataset has {data_info.channels} channels but config.model.in_channels="
-            f"{config.model.in_channels}. Set --config.model.in_channels={data_info.channels}.")
+            f"The dataset has {data_info.channels} channels but the config has {channels} "
+            f"(config.model.in_channels). Set --config.model.in_channels={data_info.channels}.")
     if config.model.num_classes and data_info.num_classes != config.model.num_classes:
         raise config_validation.ConfigError(
             f"The dataset has {data_info.num_classes} classes but config.model.num_classes="
@@ -133,6 +135,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     lock = cleanup.enter_context(workdir_lock.WorkdirLock(workdir))
     mesh = sharding_lib.create_mesh(*mesh_shape)
     batch_sharding = sharding_lib.batch_sharding(mesh)
+    space = None  # Latent diffusion (latent.py): a frozen autoencoder encodes and decodes.
+    if "latent" in config:
+        config, space = latent.prepare(config, workdir, mesh)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
     logging.info("Process %d/%d, %d local / %d global devices, mesh %s.",
@@ -180,6 +185,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.sample.every_steps:
         sample_fn = sampling.make_sample_fn(
             model, config, mesh, samplers.SamplerOptions.from_config(config.sample))
+        if space is not None:
+            sample_fn = space.decoding(sample_fn)
         sample_labels = sampling.replicate_labels(
             sampling.default_labels(config.sample.num_images, config.model.num_classes), mesh)
 
@@ -193,11 +200,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     evaluator = None
     if config.eval.every_steps:
-        evaluator = evaluator_lib.Evaluator(config, mesh, workdir, model=model)
+        evaluator = evaluator_lib.Evaluator(
+            config, mesh, workdir, model=model,
+            generate_fn=None if space is None else space.make_generate_fn(model, config))
 
-    data_iter = input_pipeline.create_input_iterator(
-        config.data, image_size=config.model.image_size, global_batch_size=config.batch_size,
-        seed=config.seed, start_step=start_step, channels=config.model.in_channels)
+    if space is None:
+        data_iter = input_pipeline.create_input_iterator(
+            config.data, image_size=image_size, global_batch_size=config.batch_size,
+            seed=config.seed, start_step=start_step, channels=channels)
+    else:
+        data_iter = space.input_iterator(start_step)  # Pixels, or cached posteriors.
 
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              writer=writer)
@@ -217,6 +229,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
         while step < config.num_train_steps:
             batch = _global_batch(next(data_iter), batch_sharding)
+            if space is not None:
+                batch = space.encode_batch(batch, step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = p_train_step(state, batch)
             step += 1

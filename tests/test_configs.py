@@ -36,8 +36,12 @@ DISTILL = [name for name in CONFIG_FILES if name.startswith("distill_")]
 # GAN configs train through gan_train (no denoiser): validated here, their shrunk
 # copies train, resume and sample in test_gan.py.
 GAN = [name for name in CONFIG_FILES if name.startswith("dcgan_")]
+# Autoencoder / VAE configs run autoencoder_train, not the diffusion step: validated here,
+# trained (shrunk) in test_autoencoder.py. Latent-diffusion configs run here as diffusion
+# on latents (their decoding is tested in test_autoencoder.py).
+AUTOENCODER = [name for name in CONFIG_FILES if name.startswith(("autoencoder_", "vae_"))]
 CASES = [(name, ARGS.get(name, (None,))[0]) for name in CONFIG_FILES
-         if name not in DISTILL + GAN]
+         if name not in DISTILL + GAN + AUTOENCODER]
 
 
 def _load(name, arg=None):
@@ -99,6 +103,13 @@ def test_gan_configs_validate(name):
     config = _load(name)
     config_validation.validate_config(config, num_devices=8, process_count=1)
     assert config.gan and config.model.name == "dcgan"
+
+
+@pytest.mark.parametrize("name", AUTOENCODER)
+def test_autoencoder_configs_validate(name):
+    config = _load(name)
+    config_validation.validate_autoencoder_config(config, num_devices=8, process_count=1)
+    assert config.autoencoder and config.model.name == "kl_autoencoder"
 
 
 @pytest.mark.parametrize("name,arg", CASES)

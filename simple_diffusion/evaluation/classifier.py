@@ -382,7 +382,9 @@ def check_compatible(name: str, config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.eval.classifier={name!r} was trained on {datasets[0]}, but this run's "
             f"data is {what}; set --config.eval.classifier='' (off).")
-    if m.get("in_channels", 1) != 1 or m.get("num_classes", 0) not in (0, NUM_CLASSES):
+    # A latent-diffusion run (latent.py) decodes its samples to the data's pixels.
+    channels = config.latent.pixel_channels if "latent" in config else m.get("in_channels", 1)
+    if channels != 1 or m.get("num_classes", 0) not in (0, NUM_CLASSES):
         raise ValueError(
             f"config.eval.classifier={name!r} scores greyscale images of {NUM_CLASSES} "
             f"classes, but the model has in_channels={m.get('in_channels')}, "

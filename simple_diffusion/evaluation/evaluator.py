@@ -27,17 +27,19 @@ from simple_diffusion.evaluation import metrics as metrics_lib
 def reference_stats(config: ml_collections.ConfigDict, extractor: Callable,
                     cache_dir: str) -> metrics_lib.FeatureStats:
     """Feature statistics of the reference split, computed once and cached as .npz."""
+    from simple_diffusion import latent  # pylint: disable=g-import-not-at-top
     e = config.eval
+    size, channels = latent.pixel_shape(config)  # Pixels also for latent-diffusion runs.
     source = config.data.folder if config.data.source == "folder" else config.data.name
-    name = (f"ref_{source}_{e.reference_split}_{config.model.image_size}px"
-            f"x{config.model.in_channels}_{e.feature}_{e.num_reference}.npz")
+    name = (f"ref_{source}_{e.reference_split}_{size}px"
+            f"x{channels}_{e.feature}_{e.num_reference}.npz")
     name = name.strip("/").replace("/", "_")
     path = os.path.join(cache_dir, name)
     if os.path.exists(path):
         return metrics_lib.load_stats(path)
-    images = input_pipeline.load_images(config.data, image_size=config.model.image_size,
+    images = input_pipeline.load_images(config.data, image_size=size,
                                         num_examples=e.num_reference, split=e.reference_split,
-                                        channels=config.model.in_channels)
+                                        channels=channels)
     feats = np.asarray(extractor(images))
     stats = metrics_lib.compute_stats(feats, keep_for_kid=e.num_reference)
     if jax.process_index() == 0:
