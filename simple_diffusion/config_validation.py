@@ -59,19 +59,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     e = config.eval
     if e.every_steps:
         validate_sampler(e, "config.eval", config.schedule)
-        _check(e.feature in ("effnet_lite0", "inception_v3"),
-               f"config.eval.feature={e.feature!r}; use 'effnet_lite0' or 'inception_v3'.")
-        _check(e.feature != "inception_v3" or bool(e.inception_weights),
-               "config.eval.feature='inception_v3' needs --config.eval.inception_weights=PATH "
-               "(the converted pt_inception-2015-12-05 weights, docs/evaluation.md).")
-        _check(e.num_samples >= 2 and e.num_reference >= 2,
-               "config.eval.num_samples and num_reference must be >= 2.")
-        if e.get("classifier"):
-            from simple_diffusion.evaluation import classifier  # pylint: disable=g-import-not-at-top
-            try:
-                classifier.check_compatible(e.classifier, config)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        _validate_scoring(config)
     _validate_run_fields(config)
     if "latent" in config:
         _validate_latent(config)
@@ -100,6 +88,24 @@ def _validate_batch(config: ml_collections.ConfigDict, num_devices: int,
     _check(config.num_train_steps > 0, f"config.num_train_steps={config.num_train_steps} must be > 0.")
 
     return mesh_shape
+
+
+def _validate_scoring(config: ml_collections.ConfigDict) -> None:
+    """``config.eval``'s feature network, sample counts and classifier (any generator)."""
+    e = config.eval
+    _check(e.feature in ("effnet_lite0", "inception_v3"),
+           f"config.eval.feature={e.feature!r}; use 'effnet_lite0' or 'inception_v3'.")
+    _check(e.feature != "inception_v3" or bool(e.inception_weights),
+           "config.eval.feature='inception_v3' needs --config.eval.inception_weights=PATH "
+           "(the converted pt_inception-2015-12-05 weights, docs/evaluation.md).")
+    _check(e.num_samples >= 2 and e.num_reference >= 2,
+           "config.eval.num_samples and num_reference must be >= 2.")
+    if e.get("classifier"):
+        from simple_diffusion.evaluation import classifier  # pylint: disable=g-import-not-at-top
+        try:
+            classifier.check_compatible(e.classifier, config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _validate_run_fields(config: ml_collections.ConfigDict) -> None:
@@ -284,16 +290,7 @@ def validate_autoencoder_config(config: ml_collections.ConfigDict, *, num_device
            f"{num_devices} devices.")
     e = config.eval
     if e.every_steps:
-        _check(e.feature in ("effnet_lite0", "inception_v3"),
-               f"config.eval.feature={e.feature!r}; use 'effnet_lite0' or 'inception_v3'.")
-        _check(e.num_samples >= 2 and e.num_reference >= 2,
-               "config.eval.num_samples and num_reference must be >= 2.")
-        if e.get("classifier"):
-            from simple_diffusion.evaluation import classifier  # pylint: disable=g-import-not-at-top
-            try:
-                classifier.check_compatible(e.classifier, config)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        _validate_scoring(config)
     _validate_run_fields(config)
     return mesh_shape
 

@@ -217,3 +217,34 @@ def test_latent_run_refuses_a_missing_autoencoder(fashion_mnist_dir, tmp_path):
     config = _tiny_latent_config(fashion_mnist_dir, str(tmp_path / "no_autoencoder"))
     with pytest.raises(config_validation.ConfigError, match="no trained autoencoder"):
         train.train_and_evaluate(config, str(tmp_path / "latent"))
+
+
+def test_imagenet_autoencoder_recipe_takes_a_step_with_gan_and_perceptual_terms():
+    """configs/autoencoder_imagenet256.py at a tiny width: mid attention, the EfficientNet
+    perceptual term and the patch-GAN with its adaptive weight all in one step."""
+    config = load_config("autoencoder_imagenet256")
+    config_validation.validate_autoencoder_config(config, num_devices=8, process_count=1)
+    m, a = config.model, config.autoencoder
+    m.image_size, m.channels, m.num_res_blocks, m.dtype = 32, (4, 4, 4, 4), 1, "float32"
+    a.perceptual_size, a.disc_channels, a.disc_start = 32, 4, 0
+    config.batch_size = 8
+    config.optimizer.warmup_steps = 0  # A non-zero learning rate at step 0.
+    model, disc = autoencoder_train.create_models(config)
+    tx, disc_tx = autoencoder_train._optimizers(config)  # pylint: disable=protected-access
+    state = jax.jit(lambda k: autoencoder_train.init_state(model, disc, tx, disc_tx, config, k))(
+        jax.random.key(0))
+    before = jax.device_get(state)
+    step = jax.jit(autoencoder_train.make_train_step(
+        model, disc, tx, disc_tx, config, autoencoder_train.make_perceptual_fn(32)))
+    batch = {"image": jax.random.uniform(jax.random.key(1), (8, 32, 32, 3), minval=-1, maxval=1)}
+    step = step.lower(state, batch).compile(
+        compiler_options={"xla_backend_optimization_level": 0})  # Does it run, not how fast.
+    state, metrics = step(state, batch)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["perceptual"]) > 0 and float(metrics["adaptive_weight"]) > 0
+    for key in ("params", "disc"):  # Both the autoencoder and the discriminator moved.
+        moved = [not np.array_equal(x, y) for x, y in zip(
+            jax.tree.leaves(before[key]["params"] if key == "disc" else before[key]),
+            jax.tree.leaves(jax.device_get(state[key]["params"] if key == "disc"
+                                           else state[key])))]
+        assert any(moved), key
