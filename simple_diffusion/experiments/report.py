@@ -1,0 +1,316 @@
+"""Tables, plots and verdicts of the ablation suites, generated from run records.
+
+Every number in ``docs/results/`` comes from here: ``summarize`` turns a suite's
+records into per-arm statistics over seeds, ``write_suite`` writes
+``<suite>.json``, the figures (matplotlib PNGs) and ``<suite>.md``, and
+``write_index`` rebuilds ``README.md`` from every suite JSON present.
+
+Noise rule: an arm's spread is the range of its per-seed values. Two arms
+differ "inside the noise" when their ranges overlap; with two seeds per arm
+this is a coarse test, stated as such in the tables.
+"""
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from simple_diffusion.experiments import suites as suites_lib
+
+METRIC = "fd_effnet_lite0"
+KID = "kid_effnet_lite0"
+ACCURACY = "classifier_accuracy"
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    v = np.asarray(values, np.float64)
+    return dict(values=[float(x) for x in v], mean=float(v.mean()), lo=float(v.min()),
+                hi=float(v.max()))
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["lo"] <= b["hi"] and b["lo"] <= a["hi"]
+
+
+def summarize(suite: suites_lib.Suite, run: dict[str, Any], *, scale: str,
+              command: str) -> dict[str, Any]:
+    """Per-arm statistics over seeds and the verdict; JSON-serialisable."""
+    arms = []
+    for arm in suite.arms:
+        recs = [run["records"][arm.name][s] for s in sorted(run["records"][arm.name])]
+        entry = dict(name=arm.name, label=arm.label, seeds=[r["seed"] for r in recs],
+                     fd=_stats([r["final"][METRIC] for r in recs]))
+        if all(KID in r["final"] for r in recs):
+            entry["kid"] = _stats([r["final"][KID] for r in recs])
+        if all(ACCURACY in r["final"] for r in recs):
+            entry["accuracy"] = _stats([r["final"][ACCURACY] for r in recs])
+        if suite.kind == "training":
+            entry.update(
+                train_seconds=_stats([r["train_seconds"] for r in recs]),
+                resumed=any(r["resumed"] for r in recs), params=recs[0]["params"],
+                train_flops_per_image=recs[0]["train_flops_per_image"],
+                loss=[r["loss"] for r in recs],
+                fd_by_step=[{int(k): v[METRIC] for k, v in r["evals"].items()} for r in recs],
+                grid=recs[0]["grid"],
+                load=sorted({r["load_before"] for r in recs} | {r["load_after"] for r in recs}))
+        else:
+            entry.update(nfe=recs[0]["nfe"], target_nfe=arm.overrides["target_nfe"],
+                         options=recs[0]["options"],
+                         seconds_per_image=_stats([r["seconds_per_image"] for r in recs]),
+                         grid=recs[0]["grid"])
+        arms.append(entry)
+    reference = arms[0]
+    for a in arms:
+        a["delta_fd"] = a["fd"]["mean"] - reference["fd"]["mean"]
+        a["inside_noise_of_reference"] = _overlap(a["fd"], reference["fd"])
+    summary = dict(suite=suite.name, title=suite.title, claim=suite.claim, caveat=suite.caveat,
+                   kind=suite.kind, scale=scale, command=command,
+                   budget=suites_lib.describe_budget(suite.budgets[scale]),
+                   protocol=_protocol(suite, scale), seconds=run["seconds"], load=run["load"],
+                   arms=arms)
+    summary["verdict"] = verdict(suite, summary)
+    return summary
+
+
+def _protocol(suite: suites_lib.Suite, scale: str) -> str:
+    b = suite.budgets[scale]
+    sampler = ("the arm's sampler" if suite.kind == "sampling"
+               else f"{suite.protocol.sampler} {suite.protocol.num_steps} steps, no guidance")
+    return (f"{sampler}, EMA weights, {b.num_samples} samples (labels cycling through the "
+            f"classes, the same noise seed for every run) vs {b.num_reference} test images, "
+            "EfficientNet-Lite0 features (`fd_effnet_lite0`, not FID)")
+
+
+def _fmt(s: dict[str, Any], digits: int = 1) -> str:
+    values = ", ".join(f"{v:.{digits}f}" for v in s["values"])
+    return f"{s['mean']:.{digits}f} ({values})"
+
+
+def verdict(suite: suites_lib.Suite, summary: dict[str, Any]) -> str:
+    """One generated sentence: what the numbers say against the paper's direction."""
+    arms = summary["arms"]
+    if suite.kind == "sampling":
+        return _sampling_verdict(arms)
+    ranked = sorted(arms, key=lambda a: a["fd"]["mean"])
+    best, second = ranked[0], ranked[1]
+    separated = not _overlap(best["fd"], second["fd"])
+    noise = ("and its seed range is clear of the runner-up's" if separated else
+             f"but its seed range overlaps the runner-up's ({second['name']}), so the "
+             "difference is inside the noise")
+    sentence = f"Best here: `{best['name']}` (fd {best['fd']['mean']:.1f}), {noise}."
+    if suite.expected_best is None:
+        return sentence + " The paper states no winner for this comparison."
+    if best["name"] == suite.expected_best:
+        agree = ("This agrees with the paper's direction." if separated else
+                 "This points the paper's way without settling it.")
+    else:
+        expected = next(a for a in arms if a["name"] == suite.expected_best)
+        agree = (f"The paper's choice `{expected['name']}` scores {expected['fd']['mean']:.1f}: "
+                 + ("a disagreement with the paper's direction at this scale."
+                    if not _overlap(expected["fd"], best["fd"])
+                    else "behind, but inside the noise, so no disagreement is shown."))
+    return f"{sentence} {agree}"
+
+
+def _sampling_verdict(arms: list[dict[str, Any]]) -> str:
+    by = {a["name"]: a for a in arms}
+    parts = []
+    for nfe in (8, 16):
+        ddpm, ddim, heun = by[f"ddpm_{nfe}"], by[f"ddim_{nfe}"], by[f"heun_{nfe}"]
+        best = min((ddim, heun), key=lambda a: a["fd"]["mean"])
+        word = ("beats" if best["fd"]["hi"] < ddpm["fd"]["lo"] else
+                "is inside the noise of" if _overlap(best["fd"], ddpm["fd"]) else "trails")
+        parts.append(f"at {nfe} evaluations the better deterministic sampler "
+                     f"(`{best['name']}`, {best['fd']['mean']:.1f}) {word} DDPM "
+                     f"({ddpm['fd']['mean']:.1f})")
+    interval_words = []
+    for nfe in (16, 32, 64):
+        full, band = by[f"ddpm_cfg_{nfe}"], by[f"ddpm_cfg_interval_{nfe}"]
+        word = ("better than" if band["fd"]["hi"] < full["fd"]["lo"] else
+                "worse than" if band["fd"]["lo"] > full["fd"]["hi"] else "inside the noise of")
+        interval_words.append(f"{nfe}: {word}")
+    return ("; ".join(parts).capitalize() + ". Guidance in the interval vs everywhere at "
+            "equal evaluations — " + ", ".join(interval_words) + ".")
+
+
+def _markdown_training(summary: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    has_acc = all("accuracy" in a for a in summary["arms"])
+    head = ["arm", "fd_effnet_lite0: mean (per seed)", "Δ vs first arm", "inside noise?",
+            "kid_effnet_lite0"]
+    head += ["classifier accuracy"] if has_acc else []
+    head += ["train MFLOP / image", "params", "train wall time / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for i, a in enumerate(summary["arms"]):
+        row = [f"`{a['name']}`: {a['label']}", _fmt(a["fd"]),
+               "—" if i == 0 else f"{a['delta_fd']:+.1f}",
+               "—" if i == 0 else ("yes" if a["inside_noise_of_reference"] else "no"),
+               _fmt(a["kid"], 3) if "kid" in a else "n/a"]
+        row += [_fmt(a["accuracy"], 3)] if has_acc else []
+        row += [f"{a['train_flops_per_image'] / 1e6:.0f}", f"{a['params'] / 1e6:.2f}M",
+                f"{a['train_seconds']['mean'] / 60:.1f} min"
+                + (" (resumed)" if a["resumed"] else "")]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _markdown_sampling(summary: dict[str, Any]) -> list[str]:
+    arms = summary["arms"]
+    families = []
+    for a in arms:
+        family = a["name"].rsplit("_", 1)[0]
+        if family not in families:
+            families.append(family)
+    nfes = sorted({a["target_nfe"] for a in arms})
+    lines = ["| sampler | " + " | ".join(f"{n} NFE" for n in nfes) + " | s / image at 64 NFE |",
+             "|" + " --- |" * (len(nfes) + 2)]
+    by = {a["name"]: a for a in arms}
+    for family in families:
+        cells = []
+        for n in nfes:
+            a = by.get(f"{family}_{n}")
+            cells.append("—" if a is None else
+                         f"{_fmt(a['fd'])}" + ("" if a["nfe"] == n else f" [{a['nfe']} NFE, "
+                                               f"{a['options']['num_steps']} steps]"))
+        last = by.get(f"{family}_64")
+        speed = "—" if last is None else f"{last['seconds_per_image']['mean'] * 1e3:.1f} ms"
+        label = by[f"{family}_{nfes[-1]}"]["label"] if f"{family}_{nfes[-1]}" in by else family
+        lines.append(f"| `{family}`: {label.split(',')[0]} | " + " | ".join(cells)
+                     + f" | {speed} |")
+    if all("accuracy" in a for a in arms):
+        lines += ["", "Classifier accuracy of the samples (mean over models):", "",
+                  "| sampler | " + " | ".join(f"{n} NFE" for n in nfes) + " |",
+                  "|" + " --- |" * (len(nfes) + 1)]
+        for family in families:
+            cells = [("—" if f"{family}_{n}" not in by else
+                      f"{by[f'{family}_{n}']['accuracy']['mean']:.3f}") for n in nfes]
+            lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_suite(summary: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """Writes the suite's figures; returns {kind: file name}."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    name, arms, figures = summary["suite"], summary["arms"], {}
+    if summary["kind"] == "training":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for a in arms:
+            curves = [np.asarray(c, np.float64) for c in a["loss"] if c]
+            if curves:
+                n = min(len(c) for c in curves)
+                steps = curves[0][:n, 0]
+                mean = np.mean([c[:n, 1] for c in curves], axis=0)
+                axes[0].plot(steps, mean, label=a["name"])
+            evals = a["fd_by_step"]
+            steps = sorted(set.intersection(*[set(e) for e in evals]))
+            values = np.array([[e[s] for s in steps] for e in evals])
+            axes[1].plot(steps, values.mean(0), marker="o", label=a["name"])
+            axes[1].fill_between(steps, values.min(0), values.max(0), alpha=0.2)
+        axes[0].set(xlabel="training step", ylabel="training loss (mean over seeds)",
+                    yscale="log", title="loss")
+        axes[1].set(xlabel="training step", ylabel="fd_effnet_lite0 (band: seed range)",
+                    title="sample quality during training")
+        for ax in axes:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        figures["curves"] = f"{name}_curves.png"
+        fig.savefig(os.path.join(out_dir, figures["curves"]), dpi=90)
+        plt.close(fig)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        families = {}
+        for a in arms:
+            families.setdefault(a["name"].rsplit("_", 1)[0], []).append(a)
+        for family, members in families.items():
+            members = sorted(members, key=lambda a: a["nfe"])
+            x = [a["nfe"] for a in members]
+            ax.plot(x, [a["fd"]["mean"] for a in members], marker="o", label=family)
+            ax.fill_between(x, [a["fd"]["lo"] for a in members],
+                            [a["fd"]["hi"] for a in members], alpha=0.15)
+        ax.set(xscale="log", xlabel="model evaluations per sample",
+               ylabel="fd_effnet_lite0 (band: model seeds)", title=summary["title"][:40])
+        ax.set_xticks([8, 16, 32, 64], ["8", "16", "32", "64"])
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figures["curves"] = f"{name}_fd_vs_nfe.png"
+        fig.savefig(os.path.join(out_dir, figures["curves"]), dpi=90)
+        plt.close(fig)
+    shown = [a for a in arms if os.path.exists(a["grid"])]
+    if summary["kind"] == "sampling":
+        shown = [a for a in shown if a["target_nfe"] == 16]
+    if shown:
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6), squeeze=False)
+        for ax, a in zip(axes[0], shown):
+            ax.imshow(np.asarray(Image.open(a["grid"])), cmap="gray")
+            ax.set_title(a["name"], fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        figures["grids"] = f"{name}_samples.png"
+        fig.savefig(os.path.join(out_dir, figures["grids"]), dpi=90)
+        plt.close(fig)
+    return figures
+
+
+def suite_markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
+    s = summary
+    lines = [f"## {s['title']} (`{s['suite']}`)", "",
+             f"**Paper.** {s['claim']}", "",
+             f"**Command.** `{s['command']}` — {s['seconds'] / 60:.1f} min wall for the "
+             f"suite's runs this time (load average at the end: {s['load']}; runs resumed or "
+             "skipped as finished count only their remaining work).", "",
+             f"**Budget.** {s['budget']} per run, seeds {s['arms'][0]['seeds']}. "
+             f"**Evaluation.** {s['protocol']}.", ""]
+    lines += (_markdown_training(s, figures) if s["kind"] == "training"
+              else _markdown_sampling(s))
+    lines += ["", f"**Result.** {s['verdict']} **Why this scale may differ:** {s['caveat']}", ""]
+    for kind in ("curves", "grids"):
+        if kind in figures:
+            lines += [f"![{s['suite']} {kind}]({figures[kind]})", ""]
+    return "\n".join(lines)
+
+
+def write_suite(summary: dict[str, Any], out_dir: str) -> str:
+    """Writes ``<suite>.json``, the figures and ``<suite>.md``; returns the Markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    figures = plot_suite(summary, out_dir)
+    summary = dict(summary, figures=figures)
+    with open(os.path.join(out_dir, f"{summary['suite']}.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    text = suite_markdown(summary, figures)
+    with open(os.path.join(out_dir, f"{summary['suite']}.md"), "w") as f:
+        f.write(f"# {summary['title']}\n\n" + text.split("\n", 1)[1])
+    return text
+
+
+def write_index(out_dir: str) -> None:
+    """Rebuilds ``README.md`` from every ``<suite>.json`` in ``out_dir``."""
+    sections, missing = [], []
+    for name, suite in suites_lib.SUITES.items():
+        path = os.path.join(out_dir, f"{name}.json")
+        if os.path.exists(path):
+            summary = json.loads(open(path).read())
+            sections.append(suite_markdown(summary, summary["figures"]))
+        else:
+            missing.append(f"- `{name}` ({suite.title}): not run yet — "
+                           f"`python -m simple_diffusion.experiments --suite={name}`")
+    header = [
+        "# Results: the papers' ablations at small scale", "",
+        "Generated by `python -m simple_diffusion.experiments --suite=<name> "
+        "--workdir=experiments/` (`simple_diffusion/experiments/`); never edited by hand. "
+        "Each suite trains every arm for the same budget with the same seeds and evaluates "
+        "every run with one protocol. Re-running resumes interrupted runs and skips finished "
+        "ones; `--scale=full` runs the same suites ~100× longer for an accelerator. "
+        "One run of a suite on its own is `python -m simple_diffusion.main "
+        "--config=configs/experiment.py:<suite>,<arm>,<scale> --config.seed=<k> "
+        "--workdir=...`.", "",
+        "Spread: every number is the mean over seeds (two per arm) with the per-seed values "
+        "in brackets. \"Inside noise\" means the arms' seed ranges overlap, a coarse test with "
+        "two seeds. Wall times were measured on a 2-core CPU VM, often shared with other "
+        "jobs; the load average is given beside them.", ""]
+    if missing:
+        header += ["Not run yet:", "", *missing, ""]
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write("\n".join(header + sections))
