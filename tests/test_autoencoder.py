@@ -14,7 +14,7 @@ import pytest
 from simple_diffusion import autoencoder as ae_lib
 from simple_diffusion import autoencoder_train
 from simple_diffusion import config_validation
-from simple_diffusion import evaluate
+from simple_diffusion.evaluation import workdir_evaluation
 from simple_diffusion import latent
 from simple_diffusion import samplers
 from simple_diffusion import sampling
@@ -186,7 +186,7 @@ def test_latent_diffusion_trains_on_latents_and_samples_decode(autoencoder_runs,
     # Sampling from the run (as the sample/evaluate CLIs do): a sampler step, then decoding.
     config = sampling.load_run_config(workdir)
     assert config.latent.scale_factor == record["scale_factor"]
-    step, params, model, mesh = evaluate.load_ema_params(workdir, config)
+    step, params, model, mesh = workdir_evaluation.load_ema_params(workdir, config)
     space = latent.load(config, mesh)
     options = dataclasses.replace(samplers.SamplerOptions.from_config(config.sample),
                                   num_steps=1)

@@ -26,15 +26,14 @@ from absl import logging
 from etils import epath
 import jax
 import ml_collections
-import numpy as np
 
-from simple_diffusion import evaluate
 from simple_diffusion import flops
 from simple_diffusion import samplers
 from simple_diffusion import sampling
 from simple_diffusion import schedules
 from simple_diffusion import train
 from simple_diffusion.evaluation import evaluator as evaluator_lib
+from simple_diffusion.evaluation import workdir_evaluation
 from simple_diffusion.experiments import suites as suites_lib
 from simple_diffusion.models import presets
 
@@ -128,7 +127,7 @@ def train_run(suite: suites_lib.Suite, arm: suites_lib.Arm, seed: int, scale: st
     seconds = time.time() - start
     evals = _eval_results(path)
     if config.num_train_steps not in evals:  # Finished earlier without its final evaluation.
-        evaluate.evaluate_workdir(path, config, config.num_train_steps)
+        workdir_evaluation.evaluate_workdir(path, config, config.num_train_steps)
         evals = _eval_results(path)
     _copy_reference_stats(os.path.join(path, "eval"), cache)
     record = dict(
@@ -166,7 +165,8 @@ def sampling_run(suite: suites_lib.Suite, model_record: dict[str, Any], scale: s
         return results
     config = sampling.load_run_config(model_record["workdir"])
     _copy_reference_stats(os.path.join(root, "reference_cache"), os.path.join(out_dir, "eval"))
-    step, params, model, mesh = evaluate.load_ema_params(model_record["workdir"], config)
+    step, params, model, mesh = workdir_evaluation.load_ema_params(
+        model_record["workdir"], config)
     logsnr_fn = schedules.from_config(config.schedule)
     for i, arm in enumerate(pending):
         options = suites_lib.sampler_options(
