@@ -14,7 +14,8 @@ computed for the size the diffusion model sees. The trainer's hooks
 * data: pixel batches encoded by the frozen encoder, z ~ q(z | x) (LDM trains
   on posterior samples), times the scale factor; either on the fly (one
   encoder pass per step) or from a cache of every training image's posterior
-  (mean, log-variance) built once at start-up (``config.latent.data``);
+  (mean, log-variance) built at the first start and kept in
+  ``<workdir>/latent_cache_step_<N>.npz`` for resumes (``config.latent.data``);
 * scale factor: 1 / std of the latents of the first ``scale_num_batches``
   training batches (LDM's rule, there computed on one batch), unless given;
   stored in ``<workdir>/latent_scale.json`` with the autoencoder checkpoint it
@@ -104,6 +105,7 @@ class LatentSpace:
         finally:
             ckpt.close()
         self.scale = l.scale_factor
+        self.cache_path = None  # Set by prepare: <workdir>/latent_cache_step_<N>.npz.
         batch_sh = sharding_lib.batch_sharding(mesh)
         model = self.model
         self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode),
@@ -151,9 +153,13 @@ class LatentSpace:
         std = float(np.std(np.concatenate(latents)))
         return float(ae_lib.latent_scale_factor(jnp.asarray(np.concatenate(latents)))), std
 
-    def build_cache(self) -> dict[str, np.ndarray]:
+    def build_cache(self, path: str | None = None) -> dict[str, np.ndarray]:
         """Posterior mean and log-variance of every training example (and its label),
-        indexed by example: one pass of the training split through the encoder."""
+        indexed by example: one pass of the training split through the encoder. With
+        ``path`` (a .npz) it is read from there if present, else written there."""
+        if path is not None and epath.Path(path).exists():
+            with epath.Path(path).open("rb") as f:
+                return dict(np.load(f))
         if jax.process_count() > 1:
             raise config_validation.ConfigError(
                 "config.latent.data='cached' is single-process; use "
@@ -176,6 +182,11 @@ class LatentSpace:
                 cache["mean"][idx], cache["logvar"][idx] = jax.device_get((mean, logvar))
                 cache["label"][idx] = local["label"]
         logging.info("Latent cache: %d examples encoded in %.1f s.", num, time.time() - start)
+        if path is not None and jax.process_index() == 0:
+            tmp = epath.Path(path + ".tmp")
+            with tmp.open("wb") as f:
+                np.savez(f, **cache)
+            tmp.rename(path)
         return cache
 
     def input_iterator(self, start_step: int) -> input_pipeline.InputIterator:
@@ -183,7 +194,7 @@ class LatentSpace:
         ('on_the_fly'), or cached posteriors of the same examples ('cached')."""
         if self.config.latent.data == "on_the_fly":
             return self.pixel_iterator(start_step)
-        cache = self.build_cache()
+        cache = self.build_cache(self.cache_path)
         indexer = input_pipeline.IndexSampler(len(cache["label"]), self.config.batch_size,
                                               self.config.seed)
 
@@ -260,6 +271,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.
     config.latent.scale_factor = float(scale)
     config.latent.autoencoder_step = space.step
     space.config, space.scale = config, float(scale)
+    space.cache_path = str(epath.Path(workdir) / f"latent_cache_step_{space.step}.npz")
     return config, space
 
 
