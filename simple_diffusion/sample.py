@@ -86,10 +86,12 @@ def run() -> str:
     if jax.process_index() == 0:
         sampling.write_outputs(out_dir, images, used_labels)
         with open(os.path.join(out_dir, "sampler.json"), "w") as f:
-            json.dump(dict(step=step, seed=_SEED.value, **dataclasses.asdict(options)), f,
-                      indent=2)
-    print(f"Wrote {len(images)} samples (step {step}, {options.sampler}, {options.num_steps} "
-          f"steps, guidance {options.guidance_scale:g}) to {out_dir}")
+            record = (dict(generator="raw" if ema_index is None else f"ema{ema_index}") if gan
+                      else dataclasses.asdict(options))
+            json.dump(dict(step=step, seed=_SEED.value, **record), f, indent=2)
+    what = (f"{options.sampler}, {options.num_steps} steps, guidance {options.guidance_scale:g}"
+            if not gan else "GAN generator, one call per image")
+    print(f"Wrote {len(images)} samples (step {step}, {what}) to {out_dir}")
     return out_dir
 
 
