@@ -114,24 +114,36 @@ def verdict(suite: suites_lib.Suite, summary: dict[str, Any]) -> str:
 
 
 def _sampling_verdict(arms: list[dict[str, Any]]) -> str:
+    """DDPM vs the better deterministic sampler at the two smallest budgets, and guidance
+    in the interval vs everywhere, each at equal model evaluations."""
     by = {a["name"]: a for a in arms}
+    nfes = sorted({a["target_nfe"] for a in arms})
     parts = []
-    for nfe in (8, 16):
-        ddpm, ddim, heun = by[f"ddpm_{nfe}"], by[f"ddim_{nfe}"], by[f"heun_{nfe}"]
-        best = min((ddim, heun), key=lambda a: a["fd"]["mean"])
+    for nfe in nfes[:2]:
+        ddpm = by.get(f"ddpm_{nfe}")
+        deterministic = [by[n] for n in (f"ddim_{nfe}", f"heun_{nfe}") if n in by]
+        if ddpm is None or not deterministic:
+            continue
+        best = min(deterministic, key=lambda a: a["fd"]["mean"])
         word = ("beats" if best["fd"]["hi"] < ddpm["fd"]["lo"] else
                 "is inside the noise of" if _overlap(best["fd"], ddpm["fd"]) else "trails")
         parts.append(f"at {nfe} evaluations the better deterministic sampler "
                      f"(`{best['name']}`, {best['fd']['mean']:.1f}) {word} DDPM "
                      f"({ddpm['fd']['mean']:.1f})")
     interval_words = []
-    for nfe in (16, 32, 64):
-        full, band = by[f"ddpm_cfg_{nfe}"], by[f"ddpm_cfg_interval_{nfe}"]
+    for nfe in nfes:
+        full, band = by.get(f"ddpm_cfg_{nfe}"), by.get(f"ddpm_cfg_interval_{nfe}")
+        if full is None or band is None:
+            continue
         word = ("better than" if band["fd"]["hi"] < full["fd"]["lo"] else
                 "worse than" if band["fd"]["lo"] > full["fd"]["hi"] else "inside the noise of")
         interval_words.append(f"{nfe}: {word}")
-    return ("; ".join(parts).capitalize() + ". Guidance in the interval vs everywhere at "
-            "equal evaluations — " + ", ".join(interval_words) + ".")
+    joined = "; ".join(parts)
+    sentences = [joined[:1].upper() + joined[1:] + "."] if parts else []
+    if interval_words:
+        sentences.append("Guidance in the interval vs everywhere at equal evaluations: "
+                         + ", ".join(interval_words) + ".")
+    return " ".join(sentences) or "No pair of arms here is compared at equal evaluations."
 
 
 def _markdown_training(summary: dict[str, Any], figures: dict[str, str]) -> list[str]:

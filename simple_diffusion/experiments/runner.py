@@ -180,8 +180,14 @@ def sampling_run(suite: suites_lib.Suite, model_record: dict[str, Any], scale: s
             c, params, mesh, options, num_samples=e.num_samples, labels=None, seed=e.seed,
             batch_size=e.batch_size, sample_fn=evaluator.sample_fn,
             progress=lambda done, total: stamps.append((done, time.time())))
-        seconds_per_image = ((stamps[-1][1] - stamps[0][1]) / (stamps[-1][0] - stamps[0][0])
-                             if len(stamps) > 1 else float("nan"))
+        if len(stamps) > 1:
+            seconds_per_image = ((stamps[-1][1] - stamps[0][1])
+                                 / (stamps[-1][0] - stamps[0][0]))
+        else:  # One batch, which compiled: time one more, compiled call.
+            start = time.time()
+            sampling.generate(c, params, mesh, options, num_samples=len(images), labels=None,
+                              seed=e.seed, batch_size=e.batch_size, sample_fn=evaluator.sample_fn)
+            seconds_per_image = (time.time() - start) / len(images)
         metrics = evaluator.score(images, labels, i)
         sampling.save_png(os.path.join(out_dir, f"{arm.name}.png"),
                           sampling.make_grid(images[:40]))
