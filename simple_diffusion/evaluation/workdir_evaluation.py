@@ -6,6 +6,8 @@ sample with their ``config.eval`` sampler; autoencoder, DCGAN and latent
 diffusion runs plug their own generation into the same ``Evaluator``.
 """
 
+from typing import Any
+
 from simple_diffusion import checkpointing
 from simple_diffusion import models
 from simple_diffusion import sharding as sharding_lib
@@ -33,6 +35,42 @@ def load_ema_params(workdir: str, config, step: int | None = None, ema_index: in
     return step, params, model, mesh
 
 
+def load_for_evaluation(workdir: str, config, step: int | None = None,
+                        ema_index: int | None = 0) -> tuple[int, Any, evaluator_lib.Evaluator]:
+    """(step, params, Evaluator) of checkpoint ``step`` (None: the latest) of any run:
+    the Evaluator's ``generate_fn`` makes this run's samples (a diffusion run's
+    ``config.eval`` sampler, decoded latents, a GAN's generator, a VAE's prior), so
+    ``evaluator(params, step)`` scores them and ``evaluator.generate_fn`` times them.
+    ``ema_index``: the EMA copy (None: the raw params)."""
+    if "autoencoder" in config:  # autoencoder_train.py: the VAE's prior samples.
+        from simple_diffusion import autoencoder_train  # pylint: disable=g-import-not-at-top
+        from simple_diffusion.models import autoencoder as ae_models  # pylint: disable=g-import-not-at-top
+        mesh = sharding_lib.create_mesh(-1, 1)
+        ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+        try:
+            step = ckpt.resolve_step(step)
+            params = ckpt.restore_params(
+                step, autoencoder_train.abstract_params(config, mesh), ema_index=ema_index)
+        finally:
+            ckpt.close()
+        generate_fn = autoencoder_train.make_prior_generate_fn(
+            ae_models.from_config(config.model), config, mesh)
+        return step, params, evaluator_lib.Evaluator(config, mesh, workdir,
+                                                     generate_fn=generate_fn)
+    if "gan" in config:  # A DCGAN run (gan_train.py): its generator, one call per image.
+        from simple_diffusion import gan_train  # pylint: disable=g-import-not-at-top
+        step, params, mesh = gan_train.load_generator(workdir, config, step, ema_index)
+        return step, params, evaluator_lib.Evaluator(
+            config, mesh, workdir, generate_fn=gan_train.make_generate_fn(config, mesh))
+    step, params, model, mesh = load_ema_params(workdir, config, step, ema_index)
+    generate_fn = None
+    if "latent" in config:  # latent.py: the sampler's latents decoded to pixels.
+        from simple_diffusion import latent  # pylint: disable=g-import-not-at-top
+        generate_fn = latent.load(config, mesh).make_generate_fn(model, config)
+    return step, params, evaluator_lib.Evaluator(config, mesh, workdir, model=model,
+                                                 generate_fn=generate_fn)
+
+
 def evaluate_workdir(workdir: str, config, step: int | None = None,
                      ema_index: int | None = 0) -> tuple[int, dict]:
     """Scores checkpoint ``step`` (None: the latest) of the run in ``workdir``
@@ -41,20 +79,8 @@ def evaluate_workdir(workdir: str, config, step: int | None = None,
 
     Writes ``<workdir>/eval/step_<N>.json`` (and caches reference statistics there).
     """
-    if "autoencoder" in config:  # autoencoder_train.py: reconstructions (+ VAE samples).
+    if "autoencoder" in config:  # Reconstructions (rFID-style) besides the VAE's samples.
         from simple_diffusion import autoencoder_train  # pylint: disable=g-import-not-at-top
         return autoencoder_train.evaluate_workdir(workdir, config, step, ema_index)
-    if "gan" in config:  # A DCGAN run (gan_train.py): its generator, one call per image.
-        from simple_diffusion import gan_train  # pylint: disable=g-import-not-at-top
-        step, params, mesh = gan_train.load_generator(workdir, config, step, ema_index)
-        evaluator = evaluator_lib.Evaluator(config, mesh, workdir,
-                                            generate_fn=gan_train.make_generate_fn(config, mesh))
-    else:
-        step, params, model, mesh = load_ema_params(workdir, config, step, ema_index)
-        generate_fn = None
-        if "latent" in config:  # latent.py: the sampler's latents decoded to pixels.
-            from simple_diffusion import latent  # pylint: disable=g-import-not-at-top
-            generate_fn = latent.load(config, mesh).make_generate_fn(model, config)
-        evaluator = evaluator_lib.Evaluator(config, mesh, workdir, model=model,
-                                            generate_fn=generate_fn)
+    step, params, evaluator = load_for_evaluation(workdir, config, step, ema_index)
     return step, evaluator(params, step, tag=results_tag(ema_index))
