@@ -61,6 +61,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
+# Evaluations of Fashion-MNIST recipes score samples with a cached classifier
+# (evaluation/classifier.py): tests never read or write the user's cache, so a
+# test that needs it trains it, in CI and here alike.
+if "SIMPLE_DIFFUSION_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SIMPLE_DIFFUSION_CACHE"] = tempfile.mkdtemp(prefix="simple_diffusion_cache_")
+
 
 def read_checkpoint_params(workdir: str, step: int) -> list:
     """The raw params of checkpoint ``step`` as a list of NumPy arrays (any layout)."""
