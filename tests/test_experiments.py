@@ -218,3 +218,14 @@ def test_sampling_verdict_against_hand_made_numbers():
     assert "(`ddim_8`, 5.5) beats DDPM (10.5)" in text
     assert "(`ddim_16`, 7.0) is inside the noise of DDPM (6.5)" in text
     assert "16: better than" in text
+
+
+def test_partial_report_lists_missing_runs(tmp_path):
+    suite = suites_lib.get_suite("multiscale128")
+    run = runner.run_suite(suite, "cpu", str(tmp_path / "root"), finished_only=True)
+    assert run["missing"] == [f"{a.name} seed {s}" for a in suite.arms for s in suite.seeds]
+    assert not os.path.exists(tmp_path / "root" / "runs")  # Nothing was trained.
+    summary = report.summarize(suite, run, scale="cpu", command="cmd")
+    assert summary["arms"] == [] and "nothing to compare" in summary["verdict"]
+    text = report.suite_markdown(summary, {})
+    assert "**Partial report**: 4 runs had not finished" in text

@@ -3,6 +3,7 @@ r"""Runs ablation suites and writes their tables and plots into docs/results/.
   python -m simple_diffusion.experiments --suite=shift128 --workdir=experiments/
   python -m simple_diffusion.experiments --suite=all --workdir=experiments/
   python -m simple_diffusion.experiments --suite=weighting --scale=full --workdir=gs://b/exp
+  python -m simple_diffusion.experiments --suite=shift128 --finished_only  # partial tables
   python -m simple_diffusion.experiments --report_only   # rebuild docs/results/README.md
 
 Suites (simple_diffusion/experiments/suites.py): shift128, multiscale128, weighting,
@@ -30,6 +31,9 @@ _SCALE = flags.DEFINE_enum("scale", "cpu", list(suites_lib.SCALES),
 _OUTPUT = flags.DEFINE_string("output", "docs/results", "Where tables and plots are written.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "Only rebuild <output>/README.md from the suite JSONs.")
+_FINISHED_ONLY = flags.DEFINE_bool(
+    "finished_only", False, "Train nothing: report the suite's finished runs, listing the "
+    "missing ones (e.g. while the suite still runs elsewhere).")
 
 
 def main(argv):
@@ -47,7 +51,8 @@ def main(argv):
     try:
         suites = [suites_lib.get_suite(n) for n in names]  # Unknown names fail before work.
         for suite in suites:
-            result = runner.run_suite(suite, _SCALE.value, _WORKDIR.value)
+            result = runner.run_suite(suite, _SCALE.value, _WORKDIR.value,
+                                      finished_only=_FINISHED_ONLY.value)
             command = ("python -m simple_diffusion.experiments "
                        f"--suite={suite.name} --workdir={_WORKDIR.value}"
                        + ("" if _SCALE.value == "cpu" else f" --scale={_SCALE.value}"))

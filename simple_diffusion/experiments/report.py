@@ -39,6 +39,8 @@ def summarize(suite: suites_lib.Suite, run: dict[str, Any], *, scale: str,
     arms = []
     for arm in suite.arms:
         recs = [run["records"][arm.name][s] for s in sorted(run["records"][arm.name])]
+        if not recs:  # Not finished yet (a partial report): listed under "missing".
+            continue
         entry = dict(name=arm.name, label=arm.label, seeds=[r["seed"] for r in recs],
                      fd=_stats([r["final"][METRIC] for r in recs]))
         if all(KID in r["final"] for r in recs):
@@ -60,15 +62,14 @@ def summarize(suite: suites_lib.Suite, run: dict[str, Any], *, scale: str,
                          seconds_per_image=_stats([r["seconds_per_image"] for r in recs]),
                          grid=recs[0]["grid"])
         arms.append(entry)
-    reference = arms[0]
-    for a in arms:
-        a["delta_fd"] = a["fd"]["mean"] - reference["fd"]["mean"]
-        a["inside_noise_of_reference"] = _overlap(a["fd"], reference["fd"])
+    for a in arms:  # Against the first finished arm (the suite's reference arm).
+        a["delta_fd"] = a["fd"]["mean"] - arms[0]["fd"]["mean"]
+        a["inside_noise_of_reference"] = _overlap(a["fd"], arms[0]["fd"])
     summary = dict(suite=suite.name, title=suite.title, claim=suite.claim, caveat=suite.caveat,
                    kind=suite.kind, scale=scale, command=command,
                    budget=suites_lib.describe_budget(suite.budgets[scale]),
                    protocol=_protocol(suite, scale), seconds=run["seconds"], load=run["load"],
-                   arms=arms)
+                   seeds=list(suite.seeds), missing=run.get("missing", []), arms=arms)
     summary["verdict"] = verdict(suite, summary)
     return summary
 
@@ -92,6 +93,8 @@ def verdict(suite: suites_lib.Suite, summary: dict[str, Any]) -> str:
     arms = summary["arms"]
     if suite.kind == "sampling":
         return _sampling_verdict(arms)
+    if len(arms) < 2:
+        return "Fewer than two arms have finished: nothing to compare yet."
     ranked = sorted(arms, key=lambda a: a["fd"]["mean"])
     best, second = ranked[0], ranked[1]
     separated = not _overlap(best["fd"], second["fd"])
@@ -270,11 +273,15 @@ def suite_markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
     s = summary
     lines = [f"## {s['title']} (`{s['suite']}`)", "",
              f"**Paper.** {s['claim']}", "",
-             f"**Command.** `{s['command']}` — {s['seconds'] / 60:.1f} min wall for the "
-             f"suite's runs this time (load average at the end: {s['load']}; runs resumed or "
-             "skipped as finished count only their remaining work).", "",
-             f"**Budget.** {s['budget']} per run, seeds {s['arms'][0]['seeds']}. "
+             f"**Command.** `{s['command']}` (training wall time per run in the table; the "
+             f"invocation that wrote this took {s['seconds'] / 60:.1f} min, load average "
+             f"{s['load']} at its end, counting only work not already done).", "",
+             f"**Budget.** {s['budget']} per run, seeds {s['seeds']}. "
              f"**Evaluation.** {s['protocol']}.", ""]
+    if s.get("missing"):
+        lines += [f"**Partial report**: {len(s['missing'])} runs had not finished when it was "
+                  f"written ({', '.join(s['missing'])}); re-running the command completes them "
+                  "and rewrites this section.", ""]
     lines += (_markdown_training(s, figures) if s["kind"] == "training"
               else _markdown_sampling(s))
     lines += ["", f"**Result.** {s['verdict']} **Why this scale may differ:** {s['caveat']}", ""]

@@ -147,7 +147,7 @@ def train_run(suite: suites_lib.Suite, arm: suites_lib.Arm, seed: int, scale: st
 
 
 def sampling_run(suite: suites_lib.Suite, model_record: dict[str, Any], scale: str,
-                 root: str) -> dict[str, dict[str, Any]]:
+                 root: str, *, finished_only: bool = False) -> dict[str, dict[str, Any]]:
     """Evaluates every arm (sampler setting) of a sampling suite on one trained model.
 
     The params are restored once; each arm's result is stored and skipped on re-runs.
@@ -161,7 +161,7 @@ def sampling_run(suite: suites_lib.Suite, model_record: dict[str, Any], scale: s
             results[arm.name] = json.loads(open(path).read())
         else:
             pending.append(arm)
-    if not pending:
+    if not pending or finished_only:
         return results
     config = sampling.load_run_config(model_record["workdir"])
     _copy_reference_stats(os.path.join(root, "reference_cache"), os.path.join(out_dir, "eval"))
@@ -204,23 +204,45 @@ def sampling_run(suite: suites_lib.Suite, model_record: dict[str, Any], scale: s
     return results
 
 
-def run_suite(suite: suites_lib.Suite, scale: str, root: str) -> dict[str, Any]:
-    """Runs (or resumes) every run of ``suite``; returns {"records": ..., "seconds": ...}.
+def _finished_record(suite, arm, seed, scale, root) -> dict[str, Any] | None:
+    path = os.path.join(run_dir(root, suite, arm, seed, scale), "record.json")
+    return json.loads(open(path).read()) if os.path.exists(path) else None
+
+
+def run_suite(suite: suites_lib.Suite, scale: str, root: str, *,
+              finished_only: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) every run of ``suite``; returns {"records", "seconds", "load",
+    "missing"}.
 
     Training suites: records[arm][seed] is the run record. Sampling suite:
     records[arm][seed] is the arm's result on the source model of that seed.
+    ``finished_only``: train and sample nothing; collect the finished runs and list
+    the others in "missing" (a partial report while a suite is still running).
     """
     start = time.time()
     records: dict[str, dict[int, Any]] = {arm.name: {} for arm in suite.arms}
+    missing = []
     if suite.kind == "training":
         for arm in suite.arms:
             for seed in suite.seeds:
-                records[arm.name][seed] = train_run(suite, arm, seed, scale, root)
+                record = (_finished_record(suite, arm, seed, scale, root) if finished_only
+                          else train_run(suite, arm, seed, scale, root))
+                if record is None:
+                    missing.append(f"{arm.name} seed {seed}")
+                else:
+                    records[arm.name][seed] = record
     else:
         source_suite = suites_lib.get_suite(suite.source[0])
         source_arm = next(a for a in source_suite.arms if a.name == suite.source[1])
         for seed in suite.seeds:
-            model = train_run(source_suite, source_arm, seed, scale, root)
-            for name, result in sampling_run(suite, model, scale, root).items():
-                records[name][seed] = result
-    return {"records": records, "seconds": time.time() - start, "load": load_average()}
+            model = (_finished_record(source_suite, source_arm, seed, scale, root)
+                     if finished_only else train_run(source_suite, source_arm, seed, scale, root))
+            results = {} if model is None else sampling_run(
+                suite, model, scale, root, finished_only=finished_only)
+            for arm in suite.arms:
+                if arm.name in results:
+                    records[arm.name][seed] = results[arm.name]
+                else:
+                    missing.append(f"{arm.name} on model seed {seed}")
+    return {"records": records, "seconds": time.time() - start, "load": load_average(),
+            "missing": missing}
