@@ -30,7 +30,6 @@ from simple_diffusion import config_validation
 from simple_diffusion import distributed
 from simple_diffusion import sampler_flags
 from simple_diffusion import sampling
-from simple_diffusion.evaluation import classifier as classifier_lib
 from simple_diffusion.evaluation import workdir_evaluation
 
 
@@ -54,8 +53,6 @@ def run() -> dict:
     """Evaluates as the flags say; returns the step and the metrics."""
     config = sampling.load_run_config(_WORKDIR.value)
     autoencoder = "autoencoder" in config  # autoencoder_train.py: no sampler.
-    if "classifier" not in config.eval and not autoencoder:  # Saved before it existed.
-        config.eval.classifier = classifier_lib.default_for(config)
     options = None if autoencoder else sampler_flags.options_from_flags(config, "eval")
     overrides = dict(num_samples=_NUM_SAMPLES.value, num_reference=_NUM_REFERENCE.value,
                      feature=_FEATURE.value, inception_weights=_INCEPTION.value,

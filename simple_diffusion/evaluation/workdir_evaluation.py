@@ -12,6 +12,7 @@ from simple_diffusion import checkpointing
 from simple_diffusion import models
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
+from simple_diffusion.evaluation import classifier as classifier_lib
 from simple_diffusion.evaluation import evaluator as evaluator_lib
 
 
@@ -42,6 +43,9 @@ def load_for_evaluation(workdir: str, config, step: int | None = None,
     ``config.eval`` sampler, decoded latents, a GAN's generator, a VAE's prior), so
     ``evaluator(params, step)`` scores them and ``evaluator.generate_fn`` times them.
     ``ema_index``: the EMA copy (None: the raw params)."""
+    if "classifier" not in config.eval and "autoencoder" not in config:
+        # Runs saved before config.eval.classifier existed: their dataset's classifier.
+        config.eval.classifier = classifier_lib.default_for(config)
     if "autoencoder" in config:  # autoencoder_train.py: the VAE's prior samples.
         from simple_diffusion import autoencoder_train  # pylint: disable=g-import-not-at-top
         from simple_diffusion.models import autoencoder as ae_models  # pylint: disable=g-import-not-at-top
