@@ -199,6 +199,7 @@ def _arm(name, values):
     ({"a": [10, 11], "b": [9, 10.5]}, "without settling it"),       # b best, overlapping.
     ({"a": [5, 6], "b": [10, 11]}, "a disagreement"),               # a best, separated.
     ({"a": [9, 10.5], "b": [10, 11]}, "inside the noise, so no disagreement"),
+    ({"a": [9, 10.5], "c": [10, 11]}, "`b` has not finished yet"),  # A partial report.
 ])
 def test_verdict_against_hand_made_numbers(values, expected):
     suite = suites_lib.Suite(name="s", title="t", claim="c", expected_best="b", caveat="",

@@ -101,12 +101,19 @@ def verdict(suite: suites_lib.Suite, summary: dict[str, Any]) -> str:
     noise = ("and its seed range is clear of the runner-up's" if separated else
              f"but its seed range overlaps the runner-up's ({second['name']}), so the "
              "difference is inside the noise")
+    seeds = len(suite.seeds)
+    if min(len(best["fd"]["values"]), len(second["fd"]["values"])) < seeds:
+        separated = False  # A spread from fewer seeds than the suite's says nothing yet.
+        noise = (f"but it or the runner-up ({second['name']}) has fewer than {seeds} "
+                 "finished seeds, so the noise is not known yet")
     sentence = f"Best here: `{best['name']}` (fd {best['fd']['mean']:.1f}), {noise}."
     if suite.expected_best is None:
         return sentence + " The paper states no winner for this comparison."
     if best["name"] == suite.expected_best:
         agree = ("This agrees with the paper's direction." if separated else
                  "This points the paper's way without settling it.")
+    elif suite.expected_best not in {a["name"] for a in arms}:
+        agree = f"The paper's choice `{suite.expected_best}` has not finished yet."
     else:
         expected = next(a for a in arms if a["name"] == suite.expected_best)
         agree = (f"The paper's choice `{expected['name']}` scores {expected['fd']['mean']:.1f}: "
@@ -300,7 +307,7 @@ def write_suite(summary: dict[str, Any], out_dir: str) -> str:
         json.dump(summary, f, indent=2)
     text = suite_markdown(summary, figures)
     with open(os.path.join(out_dir, f"{summary['suite']}.md"), "w") as f:
-        f.write(f"# {summary['title']}\n\n" + text.split("\n", 1)[1])
+        f.write(f"# {summary['title']}\n" + text.split("\n", 1)[1])
     return text
 
 
@@ -313,7 +320,7 @@ def write_index(out_dir: str) -> None:
             summary = json.loads(open(path).read())
             sections.append(suite_markdown(summary, summary["figures"]))
         else:
-            missing.append(f"- `{name}` ({suite.title}): not run yet — "
+            missing.append(f"- `{name}`, {suite.title}: "
                            f"`python -m simple_diffusion.experiments --suite={name}`")
     header = [
         "# Results: the papers' ablations at small scale", "",
@@ -329,6 +336,10 @@ def write_index(out_dir: str) -> None:
         "in brackets. \"Inside noise\" means the arms' seed ranges overlap, a coarse test with "
         "two seeds. Wall times were measured on a 2-core CPU VM, often shared with other "
         "jobs; the load average is given beside them.", ""]
+    if os.path.exists(os.path.join(out_dir, "distillation_demo.md")):
+        header += ["Also here: [`distillation_demo.md`](distillation_demo.md), progressive "
+                   "distillation of the demo (`python -m simple_diffusion.distill --report`, "
+                   "see `docs/distillation.md`).", ""]
     if missing:
         header += ["Not run yet:", "", *missing, ""]
     with open(os.path.join(out_dir, "README.md"), "w") as f:
