@@ -18,6 +18,7 @@ and the next older step is tried. All workdir file operations go through
 import errno
 import functools
 import json
+import logging as std_logging
 import os
 from typing import Any
 
@@ -554,3 +555,20 @@ class Checkpointer:
         # Let orbax rescan the directory.
         self._manager.reload()
         return dst
+
+
+class OrbaxLogFilter(std_logging.Filter):
+    """A log filter (for the absl handler of a trainer): drops orbax's INFO chatter
+    (several lines per save) and cuts its refused-write tracebacks to one line."""
+
+    def filter(self, record):
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        if record.exc_info and filesystem_write_cause(record.exc_info[1]) is not None:
+            # A full or read-only disk: the trainer stops with one line naming the
+            # checkpoint and the cause; orbax's threads each log the same traceback.
+            record.msg, record.args = record.getMessage().splitlines()[0][:300], None
+            record.exc_info = record.exc_text = None
+        return True

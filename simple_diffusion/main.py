@@ -9,7 +9,6 @@ process runs the same command; the cluster is detected (Cloud TPU, SLURM, Open
 MPI, k8s) or given with --coordinator_address/--num_processes/--process_id.
 """
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -33,31 +32,9 @@ flags.register_validator(
             "empty value would write the run into the current directory).")
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter of orbax (several lines per save) from the run log."""
-
-    def filter(self, record):
-        if "/orbax/" not in record.pathname:
-            return True
-        if record.levelno < std_logging.WARNING:
-            return False
-        if record.exc_info and _write_refused(record.exc_info[1]):
-            # A full or read-only disk: the trainer stops with one line naming the
-            # checkpoint and the cause; orbax's threads each log the same traceback.
-            record.msg, record.args = record.getMessage().splitlines()[0][:300], None
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def _write_refused(error) -> bool:
-    from simple_diffusion import checkpointing  # pylint: disable=g-import-not-at-top
-    return checkpointing.filesystem_write_cause(error) is not None
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # Imported after distributed init: nothing may touch the JAX backend before it.
     from simple_diffusion import train  # pylint: disable=g-import-not-at-top
@@ -65,6 +42,7 @@ def main(argv):
     from simple_diffusion import config_validation  # pylint: disable=g-import-not-at-top
     from simple_diffusion import input_pipeline  # pylint: disable=g-import-not-at-top
     from simple_diffusion import workdir_lock  # pylint: disable=g-import-not-at-top
+    logging.get_absl_handler().addFilter(checkpointing.OrbaxLogFilter())
     from simple_diffusion.evaluation import metrics  # pylint: disable=g-import-not-at-top
     logging.info(distributed.describe())
     expected = (config_validation.ConfigError, checkpointing.IncompatibleCheckpointError,

@@ -232,21 +232,20 @@ def test_a_refused_write_stops_with_one_line_naming_the_path(tmp_path, fault, as
 
 
 def test_the_trainer_log_keeps_one_line_of_orbax_write_failures():
-    from simple_diffusion import main  # pylint: disable=g-import-not-at-top
     error = ValueError('RESOURCE_EXHAUSTED: Error writing "x/0": Failed to write 356853 bytes '
                        "to file 7: No space left on device [os_error_code='28']\nmore")
     record = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/x.py", 1,
                                "Save failed: %s", (error,), (ValueError, error, None))
-    assert main._QuietLibraries().filter(record)  # pylint: disable=protected-access
+    assert checkpointing.OrbaxLogFilter().filter(record)
     assert record.exc_info is None and "\n" not in record.getMessage()
     assert "No space left on device" in record.getMessage()
     bug = ValueError("a bug")
     record = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/x.py", 1,
                                "failed", (), (ValueError, bug, None))
-    assert main._QuietLibraries().filter(record) and record.exc_info  # pylint: disable=protected-access
+    assert checkpointing.OrbaxLogFilter().filter(record) and record.exc_info
     info = logging.LogRecord("absl", logging.INFO, "/site-packages/orbax/checkpoint/x.py", 1,
                              "chatter", (), None)
-    assert not main._QuietLibraries().filter(info)  # pylint: disable=protected-access
+    assert not checkpointing.OrbaxLogFilter().filter(info)
 
 
 def test_empty_workdir_is_refused_by_the_checkpointer(tmp_path, monkeypatch):
