@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import threading
+import time
 
 from etils import epath
 import jax
@@ -218,7 +219,10 @@ def test_a_refused_write_stops_with_one_line_naming_the_path(tmp_path, fault, as
         assert "\n" not in message and cause in message
         assert f"Cannot write checkpoint step 2 to {ckpt.directory}:" in message
         assert isinstance(error.value, OSError)
-        ckpt.close()  # Neither raises again nor waits for orbax's timeout.
+        ckpt.close()  # Neither raises again nor waits for orbax's timeout (300 s).
+        deadline = time.time() + 10  # The released threads exit within moments.
+        while _orbax_threads_waiting() and time.time() < deadline:
+            time.sleep(0.1)
         assert not _orbax_threads_waiting()
         assert sorted(p.name for p in (root / "wd" / "checkpoints").iterdir()
                       if p.name.isdigit()) == ["1"]
