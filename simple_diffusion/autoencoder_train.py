@@ -36,7 +36,6 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from simple_diffusion import autoencoder as ae_lib
 from simple_diffusion import checkpointing
@@ -399,16 +398,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step, pending, last = start, [], {}
         t0, t_start = time.time(), time.time()
         while step < config.num_train_steps:
-            batch = {k: jax.make_array_from_process_local_data(batch_sh, v)
-                     for k, v in next(data).items()}
+            batch = sharding_lib.global_batch(next(data), batch_sh)
             state, metrics = step_fn(state, batch)
             step += 1
             pending.append(metrics)
             final = step == config.num_train_steps
             if step % config.log_every_steps == 0 or final:
                 _check_finite(state)
-                host = jax.device_get(pending)
-                last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                last = train_step_lib.mean_metrics(pending)
                 last["examples_per_sec"] = len(pending) * config.batch_size / max(
                     time.time() - t0, 1e-9)
                 writer.write_scalars(step, last)

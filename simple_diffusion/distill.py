@@ -43,7 +43,6 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 import optax
 
 from simple_diffusion import checkpointing
@@ -262,16 +261,14 @@ def run_round(config: ml_collections.ConfigDict, workdir: str, teacher_workdir: 
         step, pending, last = start, [], {}
         t0 = time.time()
         while step < config.num_train_steps:
-            batch = {k: jax.make_array_from_process_local_data(batch_sh, v)
-                     for k, v in next(data).items()}
+            batch = sharding_lib.global_batch(next(data), batch_sh)
             state, metrics = step_fn(state, teacher_params, batch)
             step += 1
             pending.append(metrics)
             final = step == config.num_train_steps
             if step % config.log_every_steps == 0 or final:
                 _check_finite(state)
-                host = jax.device_get(pending)
-                last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                last = train_step_lib.mean_metrics(pending)
                 last["steps_per_sec"] = len(pending) / max(time.time() - t0, 1e-9)
                 writer.write_scalars(step, last)
                 logging.info("Round %d step %d: %s", config.distillation.round, step, last)

@@ -47,7 +47,6 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from simple_diffusion import checkpointing
@@ -343,12 +342,6 @@ def _check_finite(state: State) -> None:
                 "grad_clip_norm, or add --config.gan.r1_gamma; resume from the last checkpoint.")
 
 
-def _mean_metrics(pending: list[dict]) -> dict[str, float]:
-    host = jax.device_get(pending)
-    keys = sorted({k for m in host for k in m})
-    return {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the GAN run in ``workdir`` until ``config.num_train_steps``
     iterations. Returns ``step`` (iterations), ``d_updates``, ``g_updates``, the last
@@ -442,7 +435,7 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, Any
         per_step = len(local["image"]) // k
         for j in range(k):
             chunk = {key: v[j * per_step:(j + 1) * per_step] for key, v in local.items()}
-            state, metrics = d_step(state, train_lib._global_batch(chunk, batch_sh))  # pylint: disable=protected-access
+            state, metrics = d_step(state, sharding_lib.global_batch(chunk, batch_sh))
             pending.append(metrics)
         for _ in range(n_g):
             state, metrics = g_step(state)
@@ -452,7 +445,7 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, Any
         final = step == config.num_train_steps
         if step % config.log_every_steps == 0 or final:
             _check_finite(state)
-            last = _mean_metrics(pending)
+            last = train_step_lib.mean_metrics(pending)
             now = time.time()
             last["iterations_per_sec"] = (step - step_log) / max(now - t_log, 1e-9)
             t_log, step_log, pending = now, step, []

@@ -728,7 +728,6 @@ def create_input_iterator(
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
                          f"process_count={process_count}.")
     local_batch_size = global_batch_size // process_count
-    local = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
     source = _reading_source(data_config, None, channels)
     policy = _bad_image_policy(data_config)
     if policy not in BAD_IMAGE_POLICIES:

@@ -145,8 +145,7 @@ class LatentSpace:
         latents = []
         with self.pixel_iterator(0) as it:
             for step in range(l.scale_num_batches):
-                batch = {k: jax.make_array_from_process_local_data(batch_sh, v)
-                         for k, v in next(it).items()}
+                batch = sharding_lib.global_batch(next(it), batch_sh)
                 z = self.encode_batch(batch, step, scale=1.0)["image"]
                 latents.append(np.asarray(jax.device_get(
                     multihost_utils.process_allgather(z, tiled=True))))

@@ -145,3 +145,10 @@ def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
         shard = sharding.shard_shape(leaf.shape)
         total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def global_batch(local: dict, batch_sharding) -> dict:
+    """Global jax.Arrays, sharded by ``batch_sharding``, from this process's slice
+    of every batch entry (``{name: np.ndarray [local_batch, ...]}``)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in local.items()}

@@ -26,7 +26,6 @@ from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 
 from simple_diffusion import checkpointing
 from simple_diffusion import config_validation
@@ -77,10 +76,6 @@ class _PreemptionFlag:
             # All processes must agree on the step at which they stop.
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
-
-
-def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
 def _check_finite(state: dict[str, Any]) -> None:
@@ -228,7 +223,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     preempted = False
     try:
         while step < config.num_train_steps:
-            batch = _global_batch(next(data_iter), batch_sharding)
+            batch = sharding_lib.global_batch(next(data_iter), batch_sharding)
             if space is not None:
                 batch = space.encode_batch(batch, step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -241,8 +236,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             final = step == config.num_train_steps
             if step % config.log_every_steps == 0 or final:
                 _check_finite(state)
-                host = jax.device_get(pending_metrics)
-                last_metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                last_metrics = train_step_lib.mean_metrics(pending_metrics)
                 now = time.time()
                 last_metrics["examples_per_sec"] = (
                     (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import optax
 
@@ -237,3 +238,11 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return jax.jit(step, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, sharding_lib.replicated(mesh)),
                    donate_argnums=(0,))
+
+
+def mean_metrics(pending: list[dict]) -> dict[str, float]:
+    """The mean of each metric over the steps in ``pending`` (device dicts), fetched
+    with one host transfer; a key missing from some steps averages over the others."""
+    host = jax.device_get(pending)
+    keys = sorted({k for m in host for k in m})
+    return {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}

@@ -28,7 +28,7 @@ def classifier_cache(tmp_path_factory, fashion_mnist_dir):
 
 
 @pytest.fixture(scope="session")
-def test_split(fashion_mnist_dir):
+def real_test_split(fashion_mnist_dir):
     """The first 500 (shuffled) Fashion-MNIST test images at 32 px, with labels."""
     data = classifier.fashion_mnist_data_config(fashion_mnist_dir)
     return classifier.load_split(data, "test", image_size=32, num_examples=500)
@@ -63,9 +63,9 @@ def test_cache_files_and_sidecar(classifier_cache):
 
 
 def test_real_images_high_accuracy_noise_and_scrambled_near_chance(classifier_cache,
-                                                                  test_split):
+                                                                  real_test_split):
     clf = classifier.load(directory=classifier_cache, train_if_missing=False)
-    images, labels = test_split
+    images, labels = real_test_split
     real = classifier.accuracy_metrics(clf.predict(images), labels, 10)["classifier_accuracy"]
     assert real > 0.75, real  # The 1-epoch test budget; the cached default reaches ~0.9.
     # The same images at 128 px (bilinear upsampling) score alike: resized inside.
@@ -108,10 +108,10 @@ def test_fashion_mnist_configs_turn_it_on():
     assert load_config("imagenet64").eval.classifier == ""
 
 
-def test_evaluator_writes_classifier_accuracy(classifier_cache, test_split, tiny_config,
+def test_evaluator_writes_classifier_accuracy(classifier_cache, real_test_split, tiny_config,
                                               tmp_path, monkeypatch):
     monkeypatch.setenv(classifier.CACHE_ENV, classifier_cache)
-    images, labels = test_split[0][:60], test_split[1][:60]
+    images, labels = real_test_split[0][:60], real_test_split[1][:60]
     config = tiny_config
     config.eval.classifier = "fashion_mnist"
     config.eval.num_samples = 60
