@@ -332,12 +332,9 @@ def _write_grids(config, model, params, images, reconstruct_fn, workdir, step, m
 
 
 def _check_finite(state) -> None:
-    from simple_diffusion import train  # pylint: disable=g-import-not-at-top
-    bad = int(jax.device_get(state["nonfinite_step"]))
-    if bad >= 0:
-        raise train.NonFiniteLossError(
-            f"Non-finite autoencoder loss or gradient at step {bad} (skipped); lower "
-            "config.optimizer.learning_rate and resume from the last checkpoint.")
+    train_step_lib.check_finite(
+        state, "Lower config.optimizer.learning_rate and resume from the last checkpoint.",
+        what="autoencoder loss or gradient")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -200,11 +200,8 @@ def _copy(tree):
 
 
 def _check_finite(state) -> None:
-    from simple_diffusion import train  # pylint: disable=g-import-not-at-top
-    bad = int(jax.device_get(state["nonfinite_step"]))
-    if bad >= 0:
-        raise train.NonFiniteLossError(
-            f"Non-finite distillation loss or gradient at step {bad}; lower learning_rate.")
+    train_step_lib.check_finite(state, "Lower learning_rate and resume.",
+                                what="distillation loss or gradient")
 
 
 def run_round(config: ml_collections.ConfigDict, workdir: str, teacher_workdir: str,

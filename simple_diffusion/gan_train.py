@@ -334,12 +334,10 @@ def load_generator(workdir: str, config: ml_collections.ConfigDict, step: int | 
 
 def _check_finite(state: State) -> None:
     for key, who in (("d_nonfinite_step", "discriminator"), ("nonfinite_step", "generator")):
-        bad = int(jax.device_get(state[key]))
-        if bad >= 0:
-            raise train_lib.NonFiniteLossError(
-                f"Non-finite {who} loss or gradient at its update {bad} (skipped; no "
-                "non-finite checkpoint was written). Lower the learning rates, set "
-                "grad_clip_norm, or add --config.gan.r1_gamma; resume from the last checkpoint.")
+        train_step_lib.check_finite(
+            state, "Lower the learning rates, set grad_clip_norm, or add "
+            "--config.gan.r1_gamma; resume from the last checkpoint.", key=key,
+            what=f"{who} loss or gradient")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

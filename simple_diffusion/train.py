@@ -41,8 +41,7 @@ from simple_diffusion import workdir_lock
 from simple_diffusion.evaluation import evaluator as evaluator_lib
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a non-finite loss or gradient."""
+NonFiniteLossError = train_step_lib.NonFiniteLossError  # Raised by train_and_evaluate.
 
 
 class _PreemptionFlag:
@@ -79,12 +78,9 @@ class _PreemptionFlag:
 
 
 def _check_finite(state: dict[str, Any]) -> None:
-    bad = int(jax.device_get(state["nonfinite_step"]))
-    if bad >= 0:
-        raise NonFiniteLossError(
-            f"Non-finite loss or gradient at step {bad} (that update was skipped; no non-finite "
-            "checkpoint was written). Lower config.optimizer.learning_rate, keep "
-            "grad_clip_norm on, or check the data; resume from the last checkpoint.")
+    train_step_lib.check_finite(
+        state, "Lower config.optimizer.learning_rate, keep grad_clip_norm on, or check the "
+        "data; resume from the last checkpoint.")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

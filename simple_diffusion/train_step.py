@@ -240,6 +240,24 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
                    donate_argnums=(0,))
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or gradient."""
+
+
+def check_finite(state: dict[str, Any], advice: str, *, key: str = "nonfinite_step",
+                 what: str = "loss or gradient") -> None:
+    """Raises NonFiniteLossError if ``state[key]`` (int32 scalar: the first step whose
+    update was skipped for a non-finite value, -1 if none) records one.
+
+    One device-to-host read: call it at log/checkpoint steps, not every step.
+    """
+    bad = int(jax.device_get(state[key]))
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"Non-finite {what} at step {bad} (that update was skipped; no non-finite "
+            f"checkpoint was written). {advice}")
+
+
 def mean_metrics(pending: list[dict]) -> dict[str, float]:
     """The mean of each metric over the steps in ``pending`` (device dicts), fetched
     with one host transfer; a key missing from some steps averages over the others."""

@@ -162,6 +162,21 @@ def test_changed_suite_definition_refuses_the_old_run(tiny_suites):
         runner.train_run(training, changed, 0, "cpu", root)
 
 
+def test_changed_base_config_refuses_the_old_run(tiny_suites, monkeypatch):
+    """Same arm and budget, but the base's model changed: the old run is not reused."""
+    training, _, root, _ = tiny_suites
+    wider = _tiny_base(suites_lib.BASES["tiny_test"]().data.data_dir)
+
+    def base():
+        c = wider()
+        c.model.transformer_width *= 2
+        return c
+
+    monkeypatch.setitem(suites_lib.BASES, "tiny_test", base)
+    with pytest.raises(ValueError, match="holds a different run"):
+        runner.train_run(training, training.arms[0], 0, "cpu", root)
+
+
 def test_sampling_suite_matches_evaluations(tiny_suites):
     _, sampling, _, results = tiny_suites
     recs = results["tiny_sampling"]["records"]

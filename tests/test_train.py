@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -197,6 +198,17 @@ def test_nonfinite_loss_stops_with_step_and_writes_no_checkpoint(tiny_config, tm
         train.train_and_evaluate(config, workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     assert not [s for s in os.listdir(ckpt_dir) if s.isdigit()] if os.path.isdir(ckpt_dir) else True
+
+
+def test_check_finite_names_the_step_the_player_and_the_fix():
+    """The one check every trainer (diffusion, distillation, autoencoder, GAN) calls."""
+    from simple_diffusion import train_step  # pylint: disable=g-import-not-at-top
+    state = {"nonfinite_step": jnp.int32(-1), "d_nonfinite_step": jnp.int32(7)}
+    train_step.check_finite(state, "unused")  # -1: no skipped update, no error.
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"Non-finite discriminator loss or gradient at step 7 .*Lower it"):
+        train_step.check_finite(state, "Lower it.", key="d_nonfinite_step",
+                                what="discriminator loss or gradient")
 
 
 def test_bad_batch_size_fails_before_any_work(tiny_config, tmp_path):

@@ -56,9 +56,12 @@ def run_dir(root: str, suite: suites_lib.Suite, arm: suites_lib.Arm, seed: int,
 
 
 def _identity(suite, arm, seed, scale) -> dict[str, Any]:
+    # The whole config is part of the identity: a run trained before its base model or
+    # recipe changed is never reused under the new definition.
     return dict(base=suite.base, arm=arm.name, overrides=arm.overrides, seed=seed, scale=scale,
                 budget=dataclasses.asdict(suite.budgets[scale]),
-                protocol=dataclasses.asdict(suite.protocol))
+                protocol=dataclasses.asdict(suite.protocol),
+                config=suites_lib.run_config(suite, arm, seed, scale).to_dict())
 
 
 def _claim(path: str, identity: dict[str, Any]) -> None:
