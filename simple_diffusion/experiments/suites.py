@@ -148,8 +148,8 @@ _SHIFT_ARMS = (
 
 _BUDGET_128 = {
     # One evaluation, at the end: at 128 px a 500-sample evaluation costs ~1 min here.
-    "cpu": Budget(train_steps=600, batch_size=32, num_samples=500, num_reference=2000,
-                  eval_every=600),
+    "cpu": Budget(train_steps=500, batch_size=32, num_samples=500, num_reference=2000,
+                  eval_every=500),
     "full": Budget(train_steps=60_000, batch_size=128, num_samples=10_000,
                    num_reference=10_000, eval_every=10_000),
 }
