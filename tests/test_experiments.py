@@ -223,6 +223,21 @@ def test_verdict_against_hand_made_numbers(values, expected):
     assert expected in report.verdict(suite, summary)
 
 
+def test_verdict_reports_class_accuracy_ranking():
+    suite = suites_lib.Suite(name="s", title="t", claim="c", expected_best=None, caveat="",
+                             base="demo32", arms=(), budgets={}, protocol=None)
+
+    def arm(name, fd, accuracy):
+        return dict(_arm(name, fd), accuracy=report._stats(accuracy))  # pylint: disable=protected-access
+
+    clear = report.verdict(suite, {"arms": [arm("a", [10, 11], [0.2, 0.3]),
+                                            arm("b", [10, 12], [0.5, 0.6])]})
+    assert "`b` is highest (0.550), clear of every other arm's seed range" in clear
+    close = report.verdict(suite, {"arms": [arm("a", [10, 11], [0.2, 0.5]),
+                                            arm("b", [10, 12], [0.4, 0.6])]})
+    assert "`b` is highest (0.500), inside the noise of `a` (0.350)" in close
+
+
 def test_sampling_verdict_against_hand_made_numbers():
     def arm(name, nfe, values):
         return dict(_arm(name, values), target_nfe=nfe)

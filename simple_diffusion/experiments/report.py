@@ -108,7 +108,8 @@ def verdict(suite: suites_lib.Suite, summary: dict[str, Any]) -> str:
                  "finished seeds, so the noise is not known yet")
     sentence = f"Best here: `{best['name']}` (fd {best['fd']['mean']:.1f}), {noise}."
     if suite.expected_best is None:
-        return sentence + " The paper states no winner for this comparison."
+        return (sentence + " The paper states no winner for this comparison."
+                + _accuracy_sentence(arms))
     if best["name"] == suite.expected_best:
         agree = ("This agrees with the paper's direction." if separated else
                  "This points the paper's way without settling it.")
@@ -120,7 +121,23 @@ def verdict(suite: suites_lib.Suite, summary: dict[str, Any]) -> str:
                  + ("a disagreement with the paper's direction at this scale."
                     if not _overlap(expected["fd"], best["fd"])
                     else "behind, but inside the noise, so no disagreement is shown."))
-    return f"{sentence} {agree}"
+    return f"{sentence} {agree}{_accuracy_sentence(arms)}"
+
+
+def _accuracy_sentence(arms: list[dict[str, Any]]) -> str:
+    """The classifier-accuracy ranking, which can disagree with the distance: a model can
+    match the data's features and still ignore the label it was asked for."""
+    if len(arms) < 2 or not all("accuracy" in a for a in arms):
+        return ""
+    ranked = sorted(arms, key=lambda a: -a["accuracy"]["mean"])
+    best, second = ranked[0], ranked[1]
+    if _overlap(best["accuracy"], second["accuracy"]):
+        return (f" Class accuracy of the samples: `{best['name']}` is highest "
+                f"({best['accuracy']['mean']:.3f}), inside the noise of `{second['name']}` "
+                f"({second['accuracy']['mean']:.3f}).")
+    return (f" Class accuracy of the samples: `{best['name']}` is highest "
+            f"({best['accuracy']['mean']:.3f}), clear of every other arm's seed range "
+            f"(next: `{second['name']}`, {second['accuracy']['mean']:.3f}).")
 
 
 def _sampling_verdict(arms: list[dict[str, Any]]) -> str:
@@ -276,13 +293,23 @@ def plot_suite(summary: dict[str, Any], out_dir: str) -> dict[str, str]:
     return figures
 
 
+def _wall_time(s: dict[str, Any]) -> str:
+    """The suite's measured cost: its runs' training wall times (with their periodic
+    evaluations), summed."""
+    runs = [t for a in s["arms"] for t in a.get("train_seconds", {}).get("values", [])]
+    if not runs:
+        return "sampling time per image in the table"
+    return (f"its {len(runs)} finished runs took {sum(runs) / 60:.1f} min of training and "
+            "evaluation in all; per run in the table")
+
+
 def suite_markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
     s = summary
     lines = [f"## {s['title']} (`{s['suite']}`)", "",
              f"**Paper.** {s['claim']}", "",
-             f"**Command.** `{s['command']}` (training wall time per run in the table; the "
-             f"invocation that wrote this took {s['seconds'] / 60:.1f} min, load average "
-             f"{s['load']} at its end, counting only work not already done).", "",
+             f"**Command.** `{s['command']}` ({_wall_time(s)}; the invocation that wrote "
+             f"this took {s['seconds'] / 60:.1f} min, load average {s['load']} at its end, "
+             "counting only work not already done).", "",
              f"**Budget.** {s['budget']} per run, seeds {s['seeds']}. "
              f"**Evaluation.** {s['protocol']}.", ""]
     if s.get("missing"):
