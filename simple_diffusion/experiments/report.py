@@ -296,9 +296,11 @@ def plot_suite(summary: dict[str, Any], out_dir: str) -> dict[str, str]:
 def _wall_time(s: dict[str, Any]) -> str:
     """The suite's measured cost: its runs' training wall times (with their periodic
     evaluations), summed."""
-    runs = [t for a in s["arms"] for t in a.get("train_seconds", {}).get("values", [])]
-    if not runs:
+    if s["kind"] == "sampling":
         return "sampling time per image in the table"
+    runs = [t for a in s["arms"] for t in a["train_seconds"]["values"]]
+    if not runs:
+        return "no run has finished yet"
     return (f"its {len(runs)} finished runs took {sum(runs) / 60:.1f} min of training and "
             "evaluation in all; per run in the table")
 
