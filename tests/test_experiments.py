@@ -248,7 +248,8 @@ def test_sampling_verdict_against_hand_made_numbers():
     text = report._sampling_verdict(arms)  # pylint: disable=protected-access
     assert "(`ddim_8`, 5.5) beats DDPM (10.5)" in text
     assert "(`ddim_16`, 7.0) is inside the noise of DDPM (6.5)" in text
-    assert "16: better than" in text
+    assert "at 16 evaluations better than guidance everywhere (7.5 vs 9.5)" in text
+    assert "fewer evaluations holds here" in text and "as good as guidance everywhere" in text
 
 
 def test_partial_report_lists_missing_runs(tmp_path):
