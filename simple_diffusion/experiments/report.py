@@ -279,20 +279,27 @@ def plot_suite(summary: dict[str, Any], out_dir: str) -> dict[str, str]:
         fig.savefig(os.path.join(out_dir, figures["curves"]), dpi=90)
         plt.close(fig)
     else:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+        has_acc = all("accuracy" in a for a in arms)
+        fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4),
+                                 squeeze=False)
         families = {}
         for a in arms:
             families.setdefault(a["name"].rsplit("_", 1)[0], []).append(a)
-        for family, members in families.items():
-            members = sorted(members, key=lambda a: a["nfe"])
-            x = [a["nfe"] for a in members]
-            ax.plot(x, [a["fd"]["mean"] for a in members], marker="o", label=family)
-            ax.fill_between(x, [a["fd"]["lo"] for a in members],
-                            [a["fd"]["hi"] for a in members], alpha=0.15)
-        ax.set(xscale="log", xlabel="model evaluations per sample",
-               ylabel="fd_effnet_lite0 (band: model seeds)", title=summary["title"][:40])
-        ax.set_xticks([8, 16, 32, 64], ["8", "16", "32", "64"])
-        ax.legend(fontsize=8)
+        panels = [("fd", "fd_effnet_lite0 (band: model seeds)")]
+        panels += [("accuracy", "classifier accuracy (band: model seeds)")] if has_acc else []
+        for ax, (key, ylabel) in zip(axes[0], panels):
+            for family, members in families.items():
+                members = sorted(members, key=lambda a: a["nfe"])
+                x = [a["nfe"] for a in members]
+                ax.plot(x, [a[key]["mean"] for a in members], marker="o", label=family)
+                ax.fill_between(x, [a[key]["lo"] for a in members],
+                                [a[key]["hi"] for a in members], alpha=0.15)
+            ax.set(xscale="log", xlabel="model evaluations per sample", ylabel=ylabel)
+            ax.set_xticks([8, 16, 32, 64], ["8", "16", "32", "64"])
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.legend(fontsize=8)
+        fig.suptitle(summary["title"], fontsize=10)
         fig.tight_layout()
         figures["curves"] = f"{name}_fd_vs_nfe.png"
         fig.savefig(os.path.join(out_dir, figures["curves"]), dpi=90)
