@@ -243,7 +243,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                "U-Net; on a CPU the U-Net's convolutions also run at a lower FLOP rate, so "
                "equal FLOPs is not equal wall time.",
         base="demo32",
-        arms=(Arm("uvit_residual", "U-ViT, residual skips (SiD2)", {"model.residual": True}),
+        # The demo32 base is already the residual U-ViT trained with eps-MSE, so this arm
+        # is the weighting suite's eps_mse run (same name and overrides: shared, not retrained).
+        arms=(Arm("eps_mse", "U-ViT, residual skips (SiD2): the weighting suite's ε-MSE runs",
+                  {"loss.weighting": "eps_mse"}),
               Arm("uvit_skips", "U-ViT, U-Net skip concatenation", {"model.residual": False}),
               Arm("unet", "DDPM U-Net, base 12 channels (FLOP-matched)", _UNET_MATCHED)),
         budgets=_BUDGET_32, protocol=_EVAL_DDPM_32),
