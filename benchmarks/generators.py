@@ -2,7 +2,7 @@ r"""The seeds' generators side by side on Fashion-MNIST at equal training wall-c
 pixel diffusion, latent diffusion, VAE, DCGAN (issue 12's comparison). Writes
 docs/generators.md, .json and a sample figure.
 
-  .venv/bin/python benchmarks/generators.py [--train_minutes=4] [--num_samples=500] \
+  .venv/bin/python benchmarks/generators.py [--train_minutes=2] [--num_samples=500] \
       [--methods=pixel_diffusion,dcgan,...] [--workdir_root=workdirs] [--rerender]
 
 Equal wall-clock: every method gets ``--train_minutes`` of training steps on this
@@ -91,7 +91,7 @@ def calibrate(name: str, root: pathlib.Path) -> dict:
     from simple_diffusion.experiments import runner  # pylint: disable=g-import-not-at-top
     workdir = root / "calibration" / METHODS[name][1]
     if workdir.exists():  # A partial calibration must not be resumed: start over.
-        subprocess.check_call(["rm", "-rf", str(workdir)])
+        shutil.rmtree(workdir)
     workdir.parent.mkdir(parents=True, exist_ok=True)
     _run_main(name, workdir, {
         "num_train_steps": CALIBRATION_STEPS, "log_every_steps": CALIBRATION_LOG_EVERY,
@@ -113,7 +113,7 @@ def calibrate(name: str, root: pathlib.Path) -> dict:
         target = root / METHODS[name][1]
         target.mkdir(parents=True, exist_ok=True)
         shutil.move(str(cache), str(target / cache.name))
-    subprocess.check_call(["rm", "-rf", str(workdir)])
+    shutil.rmtree(workdir)
     return dict(steps_per_second=rate, load=_load())
 
 
@@ -125,7 +125,7 @@ def train(name: str, root: pathlib.Path, minutes: float) -> dict:
     if record_path.exists():
         return json.loads(record_path.read_text())
     if workdir.exists():  # An interrupted run: its step budget came from an old calibration.
-        subprocess.check_call(["rm", "-rf", str(workdir)])
+        shutil.rmtree(workdir)
     budget_seconds = minutes * 60 * BUDGET_SHARE.get(name, 1.0)
     calibration = calibrate(name, root)
     steps = max(1, round(budget_seconds * calibration["steps_per_second"]))
@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(GENERATORS))
     parser.add_argument("--workdir_root", default="workdirs")
     parser.add_argument("--output", default="docs/generators.md")
-    parser.add_argument("--train_minutes", type=float, default=4.0,
+    parser.add_argument("--train_minutes", type=float, default=2.0,
                         help="Training wall-clock budget of every method, in minutes.")
     parser.add_argument("--rerender", action="store_true",
                         help="Rewrite the Markdown from the existing JSON (no scoring).")
