@@ -262,15 +262,12 @@ def per_class_table(rows: dict) -> str:
     conditional = {k: r for k, r in rows.items() if r.get("per_class_accuracy")}
     if not conditional:
         return ""
-    names = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-             "bag", "ankle boot")
-    lines = ["| method | " + " | ".join(names) + " | all |",
-             "| --- |" + " ---: |" * (len(names) + 1)]
-    for k, r in conditional.items():
-        cells = [f"{a:.2f}" for a in r["per_class_accuracy"]]
-        lines.append(f"| `{k}` | " + " | ".join(cells) + f" | {r['classifier_accuracy']:.3f} |")
+    from simple_diffusion.evaluation import classifier  # pylint: disable=g-import-not-at-top
+    table = classifier.per_class_markdown({
+        f"`{k}`": (r["per_class_accuracy"], r["classifier_accuracy"])
+        for k, r in conditional.items()})
     return ("\n## Classifier accuracy per class (samples asked for that class)\n\n"
-            + "\n".join(lines) + "\n")
+            + table)
 
 
 def main() -> None:

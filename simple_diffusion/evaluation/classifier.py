@@ -57,6 +57,19 @@ IMAGE_SIZE = 28
 NUM_CLASSES = 10
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot")
+
+
+def per_class_markdown(rows: dict[str, tuple[list[float], float]]) -> str:
+    """A Markdown table of classifier accuracy per class: ``rows`` maps a row name to
+    (accuracy of the samples asked for each class, in label order; overall accuracy)."""
+    lines = ["| | " + " | ".join(CLASS_NAMES) + " | all |",
+             "| --- |" + " ---: |" * (len(CLASS_NAMES) + 1)]
+    for name, (per_class, overall) in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in per_class)
+                     + f" | {overall:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 # Classifier name -> the TFDS dataset names (config.data.name) it was trained for.
 CLASSIFIERS = {"fashion_mnist": ("fashion_mnist_local", "fashion_mnist")}
 CACHE_ENV = "SIMPLE_DIFFUSION_CACHE"
