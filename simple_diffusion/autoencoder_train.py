@@ -47,6 +47,7 @@ from simple_diffusion import sampling
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
 from simple_diffusion import workdir_lock
+from simple_diffusion import xla_cpu
 from simple_diffusion.evaluation import efficientnet_lite0
 from simple_diffusion.evaluation import evaluator as evaluator_lib
 from simple_diffusion.models import autoencoder as ae_models
@@ -241,14 +242,16 @@ def make_reconstruct_fn(model, mesh) -> Callable:
     """Jitted ``(params, images [-1, 1]) -> reconstructions`` through the posterior mean."""
     batch_sh = sharding_lib.batch_sharding(mesh)
     return jax.jit(lambda p, x: model.apply({"params": p}, x, sample=False)[0],
-                   in_shardings=(None, batch_sh), out_shardings=batch_sh)
+                   in_shardings=(None, batch_sh), out_shardings=batch_sh,
+                   compiler_options=xla_cpu.compiler_options())
 
 
 def make_decode_fn(model, mesh) -> Callable:
     """Jitted ``(params, latents) -> images`` (float, about [-1, 1]), batch-sharded."""
     batch_sh = sharding_lib.batch_sharding(mesh)
     return jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode),
-                   in_shardings=(None, batch_sh), out_shardings=batch_sh)
+                   in_shardings=(None, batch_sh), out_shardings=batch_sh,
+                   compiler_options=xla_cpu.compiler_options())
 
 
 def _batches(n: int, batch: int, mesh) -> tuple[list[tuple[int, int]], int]:
@@ -378,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         perceptual = make_perceptual_fn(a.perceptual_size) if a.perceptual_weight else None
         step_fn = jax.jit(make_train_step(model, disc, tx, disc_tx, config, perceptual),
                           in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
-                          donate_argnums=(0,))
+                          donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
         reconstruct_fn = make_reconstruct_fn(model, mesh)
         evaluator, eval_images = None, None
         if config.eval.every_steps:

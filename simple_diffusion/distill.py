@@ -58,6 +58,7 @@ from simple_diffusion import schedules
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
 from simple_diffusion import workdir_lock
+from simple_diffusion import xla_cpu
 
 
 def default_section() -> ml_collections.ConfigDict:
@@ -250,7 +251,8 @@ def run_round(config: ml_collections.ConfigDict, workdir: str, teacher_workdir: 
             make_distill_step(model, tx, config, lr, num_student_steps=n,
                               guidance_scale=guidance_scale, teacher_clip_x=teacher_clip_x),
             in_shardings=(state_sh, params_sh, batch_sh),
-            out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+            out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=(0,),
+            compiler_options=xla_cpu.compiler_options())
         data = input_pipeline.create_input_iterator(
             config.data, image_size=config.model.image_size, global_batch_size=config.batch_size,
             seed=config.seed, start_step=start, channels=config.model.in_channels)

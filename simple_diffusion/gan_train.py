@@ -60,6 +60,7 @@ from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train as train_lib
 from simple_diffusion import train_step as train_step_lib
 from simple_diffusion import workdir_lock
+from simple_diffusion import xla_cpu
 from simple_diffusion.evaluation import evaluator as evaluator_lib
 from simple_diffusion.models import dcgan
 
@@ -265,10 +266,10 @@ def jit_steps(generator, discriminator, g_tx, d_tx, config, mesh, shardings
     rep = sharding_lib.replicated(mesh)
     d_step = jax.jit(make_d_step(generator, discriminator, d_tx, config, batch_sh),
                      in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
     g_step = jax.jit(make_g_step(generator, discriminator, g_tx, config, batch_sh),
                      in_shardings=(shardings,), out_shardings=(shardings, rep),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
     return d_step, g_step
 
 
@@ -291,7 +292,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, mesh) -> Callable:
             batch_sh)
         return generator.apply({"params": params}, z, labels if conditional else None)
 
-    return jax.jit(sample_fn, in_shardings=(None, None, batch_sh), out_shardings=batch_sh)
+    return jax.jit(sample_fn, in_shardings=(None, None, batch_sh), out_shardings=batch_sh,
+                   compiler_options=xla_cpu.compiler_options())
 
 
 # sampling.generate validates sampler options; a GAN has none (one network call).

@@ -46,6 +46,7 @@ from simple_diffusion import input_pipeline
 from simple_diffusion import samplers
 from simple_diffusion import sampling
 from simple_diffusion import sharding as sharding_lib
+from simple_diffusion import xla_cpu
 from simple_diffusion.models import autoencoder as ae_models
 
 SCALE_FILE = "latent_scale.json"
@@ -109,7 +110,8 @@ class LatentSpace:
         batch_sh = sharding_lib.batch_sharding(mesh)
         model = self.model
         self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode),
-                               in_shardings=(None, batch_sh), out_shardings=(batch_sh, batch_sh))
+                               in_shardings=(None, batch_sh), out_shardings=(batch_sh, batch_sh),
+                               compiler_options=xla_cpu.compiler_options())
         self._sample = jax.jit(
             lambda mean, logvar, rng, scale: scale * ae_lib.sample_posterior(rng, mean, logvar),
             in_shardings=(batch_sh, batch_sh, None, None), out_shardings=batch_sh)

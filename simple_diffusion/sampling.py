@@ -22,6 +22,7 @@ from simple_diffusion import models
 from simple_diffusion import samplers
 from simple_diffusion import schedules
 from simple_diffusion import sharding as sharding_lib
+from simple_diffusion import xla_cpu
 
 
 def make_sample_fn(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -65,7 +66,7 @@ def make_sample_fn(model: nn.Module, config: ml_collections.ConfigDict, mesh: ja
             num_timesteps=num_timesteps)
 
     return jax.jit(sample_fn, in_shardings=(None, None, batch_sharding),
-                   out_shardings=batch_sharding)
+                   out_shardings=batch_sharding, compiler_options=xla_cpu.compiler_options())
 
 
 def default_labels(num_images: int, num_classes: int) -> np.ndarray:

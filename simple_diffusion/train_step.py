@@ -24,6 +24,7 @@ from simple_diffusion import losses
 from simple_diffusion import optimizer as optimizer_lib
 from simple_diffusion import schedules
 from simple_diffusion import sharding as sharding_lib
+from simple_diffusion import xla_cpu
 
 State = dict[str, Any]
 
@@ -230,14 +231,15 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
                    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    shardings: State) -> Callable:
     """The train step jitted with explicit shardings and the state donated
-    (updated in place: no second copy of params, Adam moments and EMA)."""
+    (updated in place: no second copy of params, Adam moments and EMA), with
+    `xla_cpu.compiler_options()`."""
     lr_schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
     logsnr_fn = schedules.from_config(config.schedule)
     batch_sh = sharding_lib.batch_sharding(mesh)
     step = make_train_step(model, tx, config, logsnr_fn, lr_schedule, batch_sh)
     return jax.jit(step, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -598,3 +598,108 @@ def test_config_json_with_bool_qk_norm_and_no_modulation_still_loads(legacy, mod
     got = jax.eval_shape(lambda r: model.init(r, *_inputs(config)), jax.random.key(0))["params"]
     assert (jax.tree_util.tree_structure(nn.unbox(got))
             == jax.tree_util.tree_structure(nn.unbox(want)))
+
+
+def _patch_conv_numpy(x, kernel, bias, p, transpose):
+    """Float64 loops: out[i, j] = sum_{dy, dx} x[i*p+dy, j*p+dx] @ k[dy, dx] (conv), or
+    out[i*p+dy, j*p+dx] = x[i, j] @ k[p-1-dy, p-1-dx] (flax's transposed conv)."""
+    x, kernel = x.astype(np.float64), kernel.astype(np.float64)
+    b, h, w, _ = x.shape
+    f = kernel.shape[-1]
+    if transpose:
+        out = np.zeros((b, h * p, w * p, f))
+        for i in range(h):
+            for j in range(w):
+                for dy in range(p):
+                    for dx in range(p):
+                        out[:, i * p + dy, j * p + dx] = x[:, i, j] @ kernel[p - 1 - dy, p - 1 - dx]
+    else:
+        out = np.zeros((b, h // p, w // p, f))
+        for i in range(h // p):
+            for j in range(w // p):
+                for dy in range(p):
+                    for dx in range(p):
+                        out[:, i, j] += x[:, i * p + dy, j * p + dx] @ kernel[dy, dx]
+    return out + bias
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_patch_conv_matmul_and_conv_paths_match_numpy_and_flax(p, transpose):
+    """The CPU matmul path and the native conv path of PatchConv compute the same p x p,
+    stride-p (transposed) conv as a float64 loop and as the flax layer it replaced, with the
+    same parameters, the same initial values and gradients equal within float tolerance."""
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
+    flax_layer = (nn.ConvTranspose(5, (p, p), strides=(p, p), padding="VALID",
+                                   kernel_init=layers._default_kernel) if transpose
+                  else nn.Conv(5, (p, p), strides=(p, p), padding="VALID",
+                               kernel_init=layers._default_kernel))
+    flax_vars = flax_layer.init(jax.random.key(1), x)
+    # A non-zero bias, so that the bias path is checked too.
+    variables = {"params": {"kernel": flax_vars["params"]["kernel"],
+                            "bias": jnp.linspace(-1.0, 1.0, 5)}}
+    expected = _patch_conv_numpy(x, np.asarray(variables["params"]["kernel"]),
+                                 np.asarray(variables["params"]["bias"]), p, transpose)
+    flax_grad = jax.grad(lambda v: jnp.sum(jnp.sin(flax_layer.apply(v, x))))(variables)
+    for matmul in (True, False):
+        layer = layers.PatchConv(5, p, transpose=transpose, matmul=matmul)
+        init = nn.unbox(layer.init(jax.random.key(1), x))
+        assert jax.tree.structure(init) == jax.tree.structure(nn.unbox(flax_vars))
+        np.testing.assert_array_equal(init["params"]["kernel"], flax_vars["params"]["kernel"])
+        out = layer.apply(variables, x)
+        assert out.shape == expected.shape
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        grad = jax.grad(lambda v, layer=layer: jnp.sum(jnp.sin(layer.apply(v, x))))(variables)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(flax_grad)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_conv_uses_the_matmul_on_cpu_only():
+    """The default picks the matmul on the CPU backend for p > 1 (where XLA's weight
+    gradient of a strided conv is slow) and would keep the native conv elsewhere."""
+    assert layers.patch_matmul_default(2) == (jax.default_backend() == "cpu")
+    assert not layers.patch_matmul_default(1)
+    x = jnp.ones((1, 4, 4, 2))
+    layer = layers.PatchConv(3, 2)
+    variables = layer.init(jax.random.key(0), x)
+    hlo = jax.jit(layer.apply).lower(variables, x).as_text()
+    assert ("convolution" in hlo) != (jax.default_backend() == "cpu")
+
+
+@pytest.mark.parametrize("channels", [64, 48, 8])
+def test_group_norm_matches_float64_numpy_and_flax(channels):
+    """GroupNorm32 (per-channel sums, then groups) equals a float64 NumPy GroupNorm with
+    gcd(32, C) groups, and equals nn.GroupNorm with the same parameters, values and
+    gradients, within float tolerance; its parameter tree is nn.GroupNorm's under 'norm'."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 6, 5, channels)) * 3.0 + 1.5).astype(np.float32)
+    scale = rng.normal(size=(channels,)).astype(np.float32)
+    bias = rng.normal(size=(channels,)).astype(np.float32)
+    groups = np.gcd(32, channels)
+    x64 = x.astype(np.float64).reshape(3, 6, 5, groups, channels // groups)
+    mean = x64.mean(axis=(1, 2, 4), keepdims=True)
+    var = x64.var(axis=(1, 2, 4), keepdims=True)
+    expected = ((x64 - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+
+    layer = layers.GroupNorm32()
+    init = nn.unbox(layer.init(jax.random.key(0), x))
+    assert jax.tree.map(np.shape, init) == {"params": {"norm": {"bias": (channels,),
+                                                                "scale": (channels,)}}}
+    np.testing.assert_array_equal(init["params"]["norm"]["scale"], np.ones(channels))
+    variables = {"params": {"norm": {"scale": scale, "bias": bias}}}
+    np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-4, atol=1e-4)
+
+    flax_layer = nn.GroupNorm(num_groups=int(groups))
+    flax_vars = {"params": {"scale": scale, "bias": bias}}
+    np.testing.assert_allclose(layer.apply(variables, x), flax_layer.apply(flax_vars, x),
+                               rtol=1e-5, atol=1e-5)
+
+    def loss(fn, v, x):
+        return jnp.sum(jnp.sin(fn(v, x)) * x)
+
+    g = jax.grad(functools.partial(loss, layer.apply), argnums=(0, 1))(variables, x)
+    g_flax = jax.grad(functools.partial(loss, flax_layer.apply), argnums=(0, 1))(flax_vars, x)
+    np.testing.assert_allclose(g[1], g_flax[1], rtol=1e-4, atol=1e-4)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(g[0]["params"]["norm"][name], g_flax[0]["params"][name],
+                                   rtol=1e-4, atol=1e-3)

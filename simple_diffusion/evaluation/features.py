@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simple_diffusion import xla_cpu
 from simple_diffusion.evaluation import efficientnet_lite0
 from simple_diffusion.evaluation import inception_v3
 
@@ -107,6 +108,7 @@ def get_feature_extractor(name: str, weights_path: str | None = None, *,
         raise ValueError(f"unknown feature extractor {name!r}; expected "
                          "'effnet_lite0' or 'inception_v3'")
     extract = jax.jit(functools.partial(
-        _extract, model, preprocess, batch_size, return_logits))
+        _extract, model, preprocess, batch_size, return_logits),
+        compiler_options=xla_cpu.compiler_options())
     variables = jax.device_put(variables)
     return functools.partial(extract, variables)

@@ -78,44 +78,155 @@ def sincos_position_embedding_2d(height: int, width: int, dim: int) -> jnp.ndarr
 
 def conv(features: int, kernel: int, *, strides: int = 1, zero_init: bool = False,
          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Conv:
-    """A kernel x kernel conv ('SAME' padding, or 'VALID' when it is a strided patching conv).
+         name: str | None = None) -> nn.Module:
+    """A kernel x kernel conv: 'SAME' padding, or a `PatchConv` when strides == kernel > 1.
 
     Kernel [k, k, in, out] named (None, None, 'conv_in', 'conv_out'); bias ('conv_out',).
     """
-    padding = "VALID" if strides == kernel and strides > 1 else "SAME"
+    kernel_init = _boxed(_zeros if zero_init else _default_kernel,
+                         (None, None, "conv_in", "conv_out"))
+    if strides == kernel > 1:
+        return PatchConv(features, kernel, kernel_init=kernel_init, dtype=dtype,
+                         param_dtype=param_dtype, name=name)
     return nn.Conv(
-        features, (kernel, kernel), strides=(strides, strides), padding=padding,
-        dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_boxed(_zeros if zero_init else _default_kernel,
-                           (None, None, "conv_in", "conv_out")),
+        features, (kernel, kernel), strides=(strides, strides), padding="SAME",
+        dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
         bias_init=_boxed(_zeros, ("conv_out",)), name=name)
 
 
 def conv_transpose(features: int, stride: int, *, dtype: Dtype = jnp.float32,
-                   param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.ConvTranspose:
-    """A stride x stride transposed conv with stride `stride`: [B,h,w,*] -> [B,h*s,w*s,features]."""
-    return nn.ConvTranspose(
-        features, (stride, stride), strides=(stride, stride), padding="VALID",
-        dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_boxed(_default_kernel, (None, None, "conv_in", "conv_out")),
-        bias_init=_boxed(_zeros, ("conv_out",)), name=name)
+                   param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
+    """A stride x stride transposed conv with stride `stride`: [B,h,w,*] -> [B,h*s,w*s,features].
+
+    A `PatchConv` with transpose=True: the parameters and values of
+    nn.ConvTranspose(features, (s, s), strides=(s, s), padding='VALID').
+    """
+    return PatchConv(features, stride, transpose=True,
+                     kernel_init=_boxed(_default_kernel, (None, None, "conv_in", "conv_out")),
+                     dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def patch_matmul_default(patch: int) -> bool:
+    """Whether `PatchConv` computes with a matmul when not told: on the CPU backend, p > 1.
+
+    XLA:CPU lowers the weight gradient of a stride-p conv to a convolution whose window is
+    the whole (p-dilated) image, which runs at about 1 GFLOP/s: about a tenth of the U-ViT's
+    train step at 64x64 (docs/benchmarks.md, "Results: CPU train step"). A 1x1 conv is
+    faster as a conv there (its matmul's weight gradient needs a transposed copy). GPUs and
+    TPUs keep their conv.
+    """
+    return jax.default_backend() == "cpu" and patch > 1
+
+
+class PatchConv(nn.Module):
+    """A p x p conv with stride p over non-overlapping patches, or (transpose=True) its mirror.
+
+    transpose=False: [B, H, W, C] -> [B, H/p, W/p, features], the values and parameters of
+        nn.Conv(features, (p, p), strides=(p, p), padding='VALID').
+    transpose=True: [B, h, w, C] -> [B, h*p, w*p, features], those of
+        nn.ConvTranspose(features, (p, p), strides=(p, p), padding='VALID'), which uses the
+        kernel flipped: out[i*p + dy, j*p + dx] = x[i, j] @ kernel[p-1-dy, p-1-dx].
+    Parameters: kernel [p, p, C, features], bias [features], created in nn.Conv's order with
+    the given init, so checkpoints and initial values are interchangeable with the nn.Conv
+    layers this replaces (tested).
+
+    With `matmul` (default: `patch_matmul_default(p)`: on CPU for p > 1) the patches are
+    moved to channels (space-to-depth) and multiplied by the kernel reshaped to
+    [p*p*C, features]: the same arithmetic as the conv, whose gradients are then plain
+    matmuls. Otherwise lax.conv_general_dilated / lax.conv_transpose, as nn.Conv /
+    nn.ConvTranspose.
+    """
+    features: int
+    patch: int
+    transpose: bool = False
+    kernel_init: Any = _default_kernel
+    matmul: bool | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        p, channels = self.patch, x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (p, p, channels, self.features),
+                            self.param_dtype)
+        bias = self.param("bias", _boxed(_zeros, ("conv_out",)), (self.features,),
+                          self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        matmul = patch_matmul_default(p) if self.matmul is None else self.matmul
+        b, h, w, _ = x.shape
+        if not matmul:
+            if self.transpose:
+                y = jax.lax.conv_transpose(x, kernel, (p, p), "VALID",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            else:
+                y = jax.lax.conv_general_dilated(x, kernel, (p, p), "VALID",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        elif self.transpose:
+            # [C, p*p*F] with columns ordered (dy, dx, f), of the flipped kernel.
+            k = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(channels, p * p * self.features)
+            y = (x @ k).reshape(b, h, w, p, p, self.features)
+            y = y.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, self.features)
+        else:
+            patches = x.reshape(b, h // p, p, w // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+            y = patches.reshape(b, h // p, w // p, p * p * channels) @ kernel.reshape(
+                p * p * channels, self.features)
+        return y + bias
+
+
+def group_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, num_groups: int,
+               epsilon: float = 1e-6) -> jnp.ndarray:
+    """GroupNorm of channels-last x [B, ..., C] in float32: the values of nn.GroupNorm.
+
+    Statistics per (example, group) over the spatial axes and the group's C / num_groups
+    channels, var = max(0, E[x²] − E[x]²) (flax's fast variance); then scale and bias [C].
+    Computed as per-channel sums over the spatial axes (a reduction along the contiguous
+    rows of NHWC), summed within groups on [B, C], and the normalisation folded into one
+    multiply-add x * a + d with per-(example, channel) a, d [B, C]. flax's version reduces
+    a [B, H, W, G, C/G] view; on XLA:CPU this one's backward was about a fifth faster
+    (GroupNorm + SiLU, [8, 64, 64, 64]), its forward as fast. Returns float32, x's shape.
+    """
+    x = x.astype(jnp.float32)
+    b, c = x.shape[0], x.shape[-1]
+    rows = x.reshape(b, -1, c)
+    count = rows.shape[1] * (c // num_groups)
+
+    def group_mean(per_channel_sum):  # [B, C] -> [B, C], the mean of each channel's group
+        means = per_channel_sum.reshape(b, num_groups, -1).sum(-1) / count
+        return jnp.repeat(means, c // num_groups, axis=1)
+
+    mean = group_mean(jnp.sum(rows, axis=1))
+    var = jnp.maximum(0.0, group_mean(jnp.sum(jnp.square(rows), axis=1)) - jnp.square(mean))
+    a = jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
+    d = bias.astype(jnp.float32) - mean * a
+    return (rows * a[:, None, :] + d[:, None, :]).reshape(x.shape)
+
+
+class _GroupNormParams(nn.Module):
+    """`group_norm` with nn.GroupNorm's parameters: scale (ones) and bias (zeros), [C]."""
+    num_groups: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        channels = x.shape[-1]
+        scale = self.param("scale", _boxed(_ones, ("conv_out",)), (channels,), self.param_dtype)
+        bias = self.param("bias", _boxed(_zeros, ("conv_out",)), (channels,), self.param_dtype)
+        return group_norm(x, scale, bias, self.num_groups)
 
 
 class GroupNorm32(nn.Module):
     """GroupNorm over NHWC with statistics and affine in float32, result cast to `dtype`.
 
-    Uses gcd(32, C) groups so that any channel count works.
+    Uses gcd(32, C) groups so that any channel count works. Parameters norm/scale and
+    norm/bias [C], as when this wrapped nn.GroupNorm (same checkpoints); see `group_norm`.
     """
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = nn.GroupNorm(
-            num_groups=math.gcd(32, x.shape[-1]), dtype=jnp.float32, param_dtype=self.param_dtype,
-            scale_init=_boxed(_ones, ("conv_out",)), bias_init=_boxed(_zeros, ("conv_out",)),
-            name="norm")(x.astype(jnp.float32))
+        y = _GroupNormParams(math.gcd(32, x.shape[-1]), param_dtype=self.param_dtype,
+                             name="norm")(x)
         return y.astype(self.dtype)
 
 
