@@ -223,7 +223,7 @@ def main():
                 rows[name].append(run_ours(size, layout, extra, args))
                 print(f"{size} round {round_}: {name} "
                       f"{rows[name][-1]['images_per_sec']:.2f} images/s", flush=True)
-    record["torch"] = record["sizes"][size]["reference"][0]["torch"]
+    record["torch"] = next(iter(record["sizes"].values()))["reference"][0]["torch"]
     record["loads"] = [r["load_before"] for s in record["sizes"].values()
                        for runs in s.values() for r in runs]
     output = REPO / args.output

@@ -12,7 +12,10 @@ from simple_diffusion import train_step as train_step_lib
 from simple_diffusion import xla_cpu
 from simple_diffusion.bench import train as train_lib
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+# The options exist for the CPU backend only; elsewhere compiler_options() is None and the
+# programs compile with JAX's defaults, so there is nothing to check (the suite runs on CPU).
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
+                                reason="XLA:CPU compile options; not used on other backends")
 
 
 def _ops_in_ynn_fusions(hlo: str) -> set[str]:
@@ -34,8 +37,7 @@ def _conv(x, w):
 def test_options_move_convolutions_off_ynnpack_and_keep_dots_on_it():
     """With the options no convolution of a conv's value-and-grad is in a YNNPACK fusion
     (they are Eigen's multi-threaded ones) and a dot still is; without them the
-    convolutions are YNNPACK's.
-    Values and gradients agree within float tolerance."""
+    convolutions are YNNPACK's. Values and gradients agree within float tolerance."""
     options = xla_cpu.compiler_options()
     assert options == {"xla_cpu_experimental_ynn_fusion_type":
                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}

@@ -22,6 +22,7 @@ from simple_diffusion import models
 from simple_diffusion import optimizer as optimizer_lib
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
+from simple_diffusion import xla_cpu
 from simple_diffusion.bench import timing
 
 
@@ -207,7 +208,8 @@ def model_breakdown(model: nn.Module, params: Any, batch: dict[str, jax.Array],
     out = {}
     for name, fn in (("forward", forward), ("forward_backward", jax.grad(loss))):
         start = time.perf_counter()
-        compiled = jax.jit(fn).lower(params).compile()
+        compiled = jax.jit(fn, compiler_options=xla_cpu.compiler_options()).lower(
+            params).compile()
         compile_seconds = time.perf_counter() - start
         jax.block_until_ready(compiled(params))
         seconds, _ = timing.median_time(lambda c=compiled: c(params), repeats)
