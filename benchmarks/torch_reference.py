@@ -3,6 +3,7 @@ r"""This project's CPU train step against lucidrains' PyTorch U-ViT, timed side 
   .venv/bin/python benchmarks/torch_reference.py [--venv=~/.cache/simple_diffusion/torch_ref]
       [--sizes=64,128] [--rounds=2] [--repeats=10] [--output=docs/cpu_reference.md]
       [--variant='bf16=--config.model.dtype=bfloat16']
+      [--variant='default malloc=SIMPLE_DIFFUSION_DEFAULT_MALLOC=1']
 
 The reference: ``denoising_diffusion_pytorch.simple_diffusion.UViT(dim=64, dim_mults=(1, 2, 4),
 vit_depth=6, attn_heads=4, attn_dim_head=32)`` (patch 1 at 64x64, batch 8; patch 2 at
@@ -11,11 +12,15 @@ vit_depth=6, attn_heads=4, attn_dim_head=32)`` (patch 1 at 64x64, batch 8; patch
 runs in its own virtual environment, made on first use with ``pip install torch==2.13.0
 denoising-diffusion-pytorch==2.3.4`` (never a dependency of this project or its CI); its
 module file is loaded on its own, because the package's ``__init__`` imports torchvision.
+The reference runs twice per round: in the default environment and with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which this project's command lines restart with
+(``simple_diffusion/host_malloc.py``); "× reference" is against the faster of the two.
 
 This project: ``python -m simple_diffusion.benchmark train`` on ``configs/cpu_reference.py``
 (the trainer's own jitted step: forward, backward, Adam, EMA), at the reference's layout
 (conv channels 64, 64, 128) and at issue 13's first mapping (64, 128, 256), plus any
-``--variant`` (label=extra flags; ``XLA_FLAGS=...`` in it sets that environment variable).
+``--variant`` (label=extra flags; a ``NAME=value`` token with an upper-case NAME sets that
+environment variable, e.g. ``XLA_FLAGS=...``).
 
 Every measurement is its own process, and the processes alternate (reference, ours,
 variants; ``--rounds`` times) so that a change in load hits both. The load average before
@@ -27,16 +32,21 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 
+from simple_diffusion import host_malloc
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 REFERENCE_PACKAGES = ("torch==2.13.0", "denoising-diffusion-pytorch==2.3.4")
 # size -> (image size, patch size, batch size).
 SIZES = {"64": (64, 1, 8), "128": (128, 2, 4)}
+# GLIBC_TUNABLES of each reference row -> its label.
+REFERENCE_ROWS = {"": "reference", host_malloc.TUNABLE: f"reference, {host_malloc.TUNABLE}"}
 
 # Runs inside the reference's virtual environment; argv[1] is a JSON of its settings.
 REFERENCE_SCRIPT = r'''
@@ -104,13 +114,16 @@ def ensure_reference_venv(venv: pathlib.Path) -> pathlib.Path:
     return python
 
 
-def run_reference(python: pathlib.Path, size: str, args) -> dict:
+def run_reference(python: pathlib.Path, size: str, tunables: str, args) -> dict:
     image_size, patch_size, batch_size = SIZES[size]
     settings = dict(image_size=image_size, patch_size=patch_size, batch_size=batch_size,
                     threads=args.threads, warmup=args.warmup, repeats=args.repeats)
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
     load = _load()
     out = subprocess.run([str(python), "-c", REFERENCE_SCRIPT, json.dumps(settings)],
-                         capture_output=True, text=True, check=False)
+                         env=env, capture_output=True, text=True, check=False)
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode or not line:
         raise RuntimeError(f"the reference failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
@@ -122,12 +135,15 @@ def run_reference(python: pathlib.Path, size: str, args) -> dict:
 
 
 def run_ours(size: str, layout: str, extra: str, args) -> dict:
-    """One `simple_diffusion.benchmark train` process; `extra` may start with XLA_FLAGS=..."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    """One `simple_diffusion.benchmark train` process; NAME=value tokens in `extra` set
+    environment variables, the rest are flags."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["JAX_PLATFORMS"] = "cpu"
     flags = []
     for token in shlex.split(extra):
-        if token.startswith("XLA_FLAGS="):
-            env["XLA_FLAGS"] = token[len("XLA_FLAGS="):]
+        name, sep, value = token.partition("=")
+        if sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
+            env[name] = value
         else:
             flags.append(token)
     arg = size + (",issue" if layout == "issue" else "")
@@ -166,7 +182,8 @@ def markdown(record: dict) -> str:
         "achieved GFLOP/s | × reference |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size, rows in record["sizes"].items():
-        ref = statistics.median(r["images_per_sec"] for r in rows["reference"])
+        ref = max(statistics.median(r["images_per_sec"] for r in runs)
+                  for name, runs in rows.items() if name in REFERENCE_ROWS.values())
         for name, runs in rows.items():
             ips = [r["images_per_sec"] for r in runs]
             gflops = statistics.median(r["flops_per_sec"] for r in runs) / 1e9
@@ -177,15 +194,17 @@ def markdown(record: dict) -> str:
                 f"{', '.join(f'{x:.2f}' for x in ips)} | {statistics.median(ips):.2f} | "
                 f"{gflops:.0f} | {statistics.median(ips) / ref:.2f}× |")
     matmul_ref = [r["matmul_flops_per_sec"] for s in record["sizes"].values()
-                  for r in s["reference"]]
+                  for n, runs in s.items() if n in REFERENCE_ROWS.values() for r in runs]
     matmul_ours = [r["matmul_flops_per_sec"] for s in record["sizes"].values()
-                   for n, runs in s.items() if n != "reference" for r in runs]
+                   for n, runs in s.items() if n not in REFERENCE_ROWS.values() for r in runs]
     lines += ["", f"2048² float32 matmul, median of 10, in the same processes: torch "
               f"{statistics.median(matmul_ref) / 1e9:.0f} GFLOP/s, JAX "
               f"{statistics.median(matmul_ours) / 1e9:.0f} GFLOP/s.", "",
               "FLOPs: torch's `FlopCounterMode` for the reference (matmuls and convolutions), "
               "`simple_diffusion.flops` for this project (XLA's count of the lowered, unrolled "
-              "step: every operation).", ""]
+              "step: every operation). \"× reference\" is against the faster reference row; "
+              f"the second runs with GLIBC_TUNABLES={host_malloc.TUNABLE}, which this "
+              "project's command lines restart with (simple_diffusion/host_malloc.py).", ""]
     return "\n".join(lines)
 
 
@@ -214,11 +233,13 @@ def main():
               "rounds": args.rounds, "repeats": args.repeats, "threads": args.threads,
               "sizes": {}}
     for size in args.sizes.split(","):
-        rows = record["sizes"][size] = {"reference": [], **{m[0]: [] for m in mine}}
+        rows = record["sizes"][size] = {**{name: [] for name in REFERENCE_ROWS.values()},
+                                        **{m[0]: [] for m in mine}}
         for round_ in range(args.rounds):
-            rows["reference"].append(run_reference(python, size, args))
-            print(f"{size} round {round_}: reference "
-                  f"{rows['reference'][-1]['images_per_sec']:.2f} images/s", flush=True)
+            for tunables, name in REFERENCE_ROWS.items():
+                rows[name].append(run_reference(python, size, tunables, args))
+                print(f"{size} round {round_}: {name} "
+                      f"{rows[name][-1]['images_per_sec']:.2f} images/s", flush=True)
             for name, layout, extra in mine:
                 rows[name].append(run_ours(size, layout, extra, args))
                 print(f"{size} round {round_}: {name} "
@@ -227,6 +248,7 @@ def main():
     record["loads"] = [r["load_before"] for s in record["sizes"].values()
                        for runs in s.values() for r in runs]
     output = REPO / args.output
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(markdown(record))
     output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(markdown(record))

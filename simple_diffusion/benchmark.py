@@ -43,6 +43,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from simple_diffusion import flops
+from simple_diffusion import host_malloc
 from simple_diffusion import samplers
 from simple_diffusion.bench import gpu as gpu_lib
 from simple_diffusion.bench import report
@@ -256,4 +257,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_hugepages()
     app.run(main)

@@ -49,6 +49,7 @@ from simple_diffusion import checkpointing
 from simple_diffusion import config_validation
 from simple_diffusion import distillation
 from simple_diffusion import distributed
+from simple_diffusion import host_malloc
 from simple_diffusion import input_pipeline
 from simple_diffusion import models
 from simple_diffusion import optimizer as optimizer_lib
@@ -470,5 +471,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_hugepages()
     _define_flags()
     app.run(main)

@@ -28,6 +28,7 @@ import jax
 
 from simple_diffusion import config_validation
 from simple_diffusion import distributed
+from simple_diffusion import host_malloc
 from simple_diffusion import sampler_flags
 from simple_diffusion import sampling
 from simple_diffusion.evaluation import workdir_evaluation
@@ -92,5 +93,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_hugepages()
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -17,6 +17,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from simple_diffusion import distributed
+from simple_diffusion import host_malloc
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/<name>.py).", lock_config=True)
@@ -70,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_hugepages()
     app.run(main)

@@ -26,6 +26,7 @@ import jax
 from simple_diffusion import checkpointing
 from simple_diffusion import config_validation
 from simple_diffusion import distributed
+from simple_diffusion import host_malloc
 from simple_diffusion import models
 from simple_diffusion import sampler_flags
 from simple_diffusion import sampling
@@ -116,4 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_hugepages()
     app.run(main)

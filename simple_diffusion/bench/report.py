@@ -57,6 +57,8 @@ def train_rows(t: dict[str, Any], platform: str = "") -> list[tuple[str, str]]:
         rows.append(("MFU (vs datasheet peak)", _pct(t["mfu_datasheet"])))
     if platform == "cpu" and "mfu_cpu_time" in t:
         rows += [("train step CPU time", f"{1e3 * t['step_cpu_seconds']:.1f} ms"),
+                 ("of which kernel", f"{1e3 * t['step_system_seconds']:.1f} ms"),
+                 ("minor page faults per step", f"{t['step_minor_faults']:.0f}"),
                  ("MFU by CPU time", _pct(t["mfu_cpu_time"]))]
     mem = t.get("memory", {})
     if mem:
