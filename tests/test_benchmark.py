@@ -68,6 +68,9 @@ def test_benchmark_fields_are_present_positive_and_consistent(results):
     assert _close(train["mfu"], train["flops_per_sec"] / peak["flops_per_sec"])
     assert train["mfu_datasheet"] is None  # No datasheet peak for a CPU.
     assert train["step_cpu_seconds"] > 0 and train["mfu_cpu_time"] > 0
+    # Kernel time is part of the process's CPU time (two clocks: allow their resolution).
+    assert 0 <= train["step_system_seconds"] <= train["step_cpu_seconds"] + 0.01
+    assert train["step_minor_faults"] >= 0
     # Forward + backward is at least 3 x (2 FLOPs per parameter per image).
     assert train["flops_per_step"] >= 6 * train["num_params"] * config.batch_size
     assert 30_000 < train["num_params"] < 45_000  # The tiny preset (~37k).

@@ -6,8 +6,8 @@ Built from the trainer's own pieces (``optimizer.make_optimizer``,
 pipeline), so it measures compute only.
 """
 
-import statistics
 import resource
+import statistics
 import time
 from typing import Any
 
