@@ -114,11 +114,17 @@ def ensure_reference_venv(venv: pathlib.Path) -> pathlib.Path:
     return python
 
 
+def _environ_without_tunables() -> dict[str, str]:
+    """This environment less GLIBC_TUNABLES: each process gets only the tunables its row
+    names (this project's command lines then add theirs themselves)."""
+    return {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+
 def run_reference(python: pathlib.Path, size: str, tunables: str, args) -> dict:
     image_size, patch_size, batch_size = SIZES[size]
     settings = dict(image_size=image_size, patch_size=patch_size, batch_size=batch_size,
                     threads=args.threads, warmup=args.warmup, repeats=args.repeats)
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = _environ_without_tunables()
     if tunables:
         env["GLIBC_TUNABLES"] = tunables
     load = _load()
@@ -137,8 +143,7 @@ def run_reference(python: pathlib.Path, size: str, tunables: str, args) -> dict:
 def run_ours(size: str, layout: str, extra: str, args) -> dict:
     """One `simple_diffusion.benchmark train` process; NAME=value tokens in `extra` set
     environment variables, the rest are flags."""
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = dict(_environ_without_tunables(), JAX_PLATFORMS="cpu")
     flags = []
     for token in shlex.split(extra):
         name, sep, value = token.partition("=")

@@ -189,17 +189,29 @@ def group_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, num_groups
     x = x.astype(jnp.float32)
     b, c = x.shape[0], x.shape[-1]
     rows = x.reshape(b, -1, c)
-    count = rows.shape[1] * (c // num_groups)
+    mean, rstd, _ = _group_statistics(rows, num_groups, epsilon)
+    a = rstd * scale.astype(jnp.float32)
+    d = bias.astype(jnp.float32) - mean * a
+    return (rows * a[:, None, :] + d[:, None, :]).reshape(x.shape)
 
-    def group_mean(per_channel_sum):  # [B, C] -> [B, C], the mean of each channel's group
+
+def _group_statistics(rows: jnp.ndarray, num_groups: int, epsilon: float):
+    """GroupNorm statistics of float32 rows [B, N, C]: (mean, rstd, group_mean).
+
+    mean and rstd = 1 / sqrt(max(0, E[x²] − E[x]²) + epsilon) are [B, C], each channel
+    holding its group's value; group_mean maps per-channel sums [B, C] over the N rows to
+    their group's mean, [B, C] likewise.
+    """
+    b, n, c = rows.shape
+    count = n * (c // num_groups)
+
+    def group_mean(per_channel_sum):
         means = per_channel_sum.reshape(b, num_groups, -1).sum(-1) / count
         return jnp.repeat(means, c // num_groups, axis=1)
 
     mean = group_mean(jnp.sum(rows, axis=1))
     var = jnp.maximum(0.0, group_mean(jnp.sum(jnp.square(rows), axis=1)) - jnp.square(mean))
-    a = jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
-    d = bias.astype(jnp.float32) - mean * a
-    return (rows * a[:, None, :] + d[:, None, :]).reshape(x.shape)
+    return mean, jax.lax.rsqrt(var + epsilon), group_mean
 
 
 def fused_norm_silu_default() -> bool:
@@ -219,33 +231,24 @@ def _group_norm_silu(num_groups, epsilon, rows, scale, bias, mod_scale, mod_shif
 
 
 def _group_norm_silu_parts(num_groups, epsilon, rows, scale, bias, mod_scale, mod_shift):
-    """Per-(example, channel) [B, C] pieces: mean, rstd, the multiplier k and offset d of
-    z = rows * k + d (the pre-SiLU activation), and the group size n."""
-    b, _, c = rows.shape
-    n = rows.shape[1] * (c // num_groups)
-
-    def group_mean(per_channel_sum):
-        return jnp.repeat(per_channel_sum.reshape(b, num_groups, -1).sum(-1) / n,
-                          c // num_groups, axis=1)
-
-    mean = group_mean(jnp.sum(rows, axis=1))
-    var = jnp.maximum(0.0, group_mean(jnp.sum(jnp.square(rows), axis=1)) - jnp.square(mean))
-    rstd = jax.lax.rsqrt(var + epsilon)
+    """`_group_statistics` plus the [B, C] multiplier k and offset d of z = rows * k + d,
+    the pre-SiLU activation: (mean, rstd, k, d, group_mean)."""
+    mean, rstd, group_mean = _group_statistics(rows, num_groups, epsilon)
     k = rstd * scale * (1.0 + mod_scale)
     d = (bias - mean * rstd * scale) * (1.0 + mod_scale) + mod_shift
-    return mean, rstd, k, d, n, group_mean
+    return mean, rstd, k, d, group_mean
 
 
 def _group_norm_silu_fwd(num_groups, epsilon, rows, scale, bias, mod_scale, mod_shift):
-    _, _, k, d, _, _ = _group_norm_silu_parts(num_groups, epsilon, rows, scale, bias,
-                                              mod_scale, mod_shift)
+    _, _, k, d, _ = _group_norm_silu_parts(num_groups, epsilon, rows, scale, bias,
+                                           mod_scale, mod_shift)
     out = jax.nn.silu(rows * k[:, None, :] + d[:, None, :])
     return out, (rows, scale, bias, mod_scale, mod_shift)
 
 
 def _group_norm_silu_bwd(num_groups, epsilon, residuals, dy):
     rows, scale, bias, mod_scale, mod_shift = residuals
-    mean, rstd, k, d, _, group_mean = _group_norm_silu_parts(
+    mean, rstd, k, d, group_mean = _group_norm_silu_parts(
         num_groups, epsilon, rows, scale, bias, mod_scale, mod_shift)
     z = rows * k[:, None, :] + d[:, None, :]  # recomputed: cheaper than storing it
     sig = jax.nn.sigmoid(z)
