@@ -765,3 +765,62 @@ def test_res_block_fused_norm_matches_autodiff_path(monkeypatch):
     np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-5, atol=1e-5)
     for g, w in zip(jax.tree.leaves(results[True][2]), jax.tree.leaves(results[False][2])):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(w))))
+
+
+@pytest.mark.parametrize("first", [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -3.5])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cotangent_barrier_is_the_identity_both_ways_bit_for_bit(first, dtype):
+    """The never-taken branch of the barrier's conditional (zeros) is never taken, whatever
+    the cotangent's first element is (signed zeros, NaN, infinities, a subnormal)."""
+    x = jnp.linspace(-2.0, 2.0, 24, dtype=dtype).reshape(2, 3, 4)
+    g = jax.random.normal(jax.random.key(0), x.shape, dtype).at[0, 0, 0].set(first)
+    bits = np.uint32 if dtype == jnp.float32 else np.uint16
+
+    def forward_and_backward(x, g):
+        out, vjp = jax.vjp(layers.cotangent_barrier, x)
+        return out, vjp(g)[0]
+
+    out, dx = jax.jit(forward_and_backward)(x, g)
+    assert out.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out).view(bits), np.asarray(x).view(bits))
+    np.testing.assert_array_equal(np.asarray(dx).view(bits), np.asarray(g).view(bits))
+
+
+def _largest_fusion(compiled_text: str) -> int:
+    """Instructions in the largest fused computation of an optimised HLO module's text."""
+    sizes = [len(block.splitlines()) for block in compiled_text.split("\n\n")
+             if block.lstrip().startswith(("%fused", "fused"))]
+    return max(sizes)
+
+
+def test_cotangent_barrier_keeps_transformer_backward_fusions_flat_in_depth(monkeypatch):
+    """XLA:CPU fuses the residual stream's gradient into every consumer, so without the
+    barrier the backward's largest fusion grows with depth (O(depth^2) work); with it, the
+    conditionals survive optimisation and a 4-block stack's fusions stay the size of one
+    block's. Gradients are unchanged."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    cond = 0.1 * jax.random.normal(jax.random.key(1), (2, 4, 32))
+    weights = jax.random.normal(jax.random.key(2), x.shape)
+    block = layers.TransformerBlock(2, 4.0, qk_norm="l2")
+    params = [block.init(jax.random.key(3 + i), x, cond) for i in range(4)]
+    # Non-zero branch outputs so that every block's backward is exercised.
+    params = jax.tree.map(lambda v: v + 0.02, params)
+
+    def loss(params, x):
+        for p in params:
+            x = block.apply(p, x, cond)[0]
+        return jnp.sum(x * weights)
+
+    largest, grads = {}, {}
+    for barrier in (True, False):
+        monkeypatch.setattr(layers, "cotangent_barrier_default", lambda b=barrier: b)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        for depth in (1, 4):
+            text = grad.lower(params[:depth], x).compile().as_text()
+            largest[barrier, depth] = _largest_fusion(text)
+            assert text.count(" conditional(") == (2 * depth if barrier else 0)
+        grads[barrier] = grad(params, x)
+    assert largest[True, 4] <= largest[True, 1] + 10, largest
+    assert largest[False, 4] > 2 * largest[False, 1], largest
+    for got, want in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(want))))
