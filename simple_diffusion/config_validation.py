@@ -1,9 +1,12 @@
 """Checks a run's config before any work starts, with messages that say the fix."""
 
+import difflib
+import importlib
 import math
 
 import ml_collections
 
+from simple_diffusion import config_defaults
 from simple_diffusion import losses
 from simple_diffusion import parametrization
 from simple_diffusion import samplers
@@ -18,6 +21,50 @@ class ConfigError(ValueError):
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def suggest(name: str, choices) -> str:
+    """' Did you mean X?' for the closest of `choices` to a misspelt `name`, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_declared_fields(config: ml_collections.ConfigDict,
+                          declared: ml_collections.ConfigDict, where: str = "config") -> None:
+    """Raises ConfigError for a field of `config` that `declared` does not have.
+
+    A config file is Python and can add any key, so a misspelt field
+    (``c.optimizer.learning_rte = 3e-4``) would be read by nothing and the run would
+    silently use the default; the command line already refuses unknown keys (configs
+    are locked). Sections are compared recursively; ``config.model`` is left to its
+    builder (``models.create_model`` and the GAN / autoencoder builders check theirs).
+    """
+    for key in config.keys():
+        path = f"{where}.{key}"
+        _check(key in declared,
+               f"{path} is not a field of this config, so nothing would read it."
+               f"{suggest(key, declared.keys())} The fields and their defaults are declared in "
+               "simple_diffusion/config_defaults.py and in the default_section() of the "
+               "config.gan / latent / distill / autoencoder sections.")
+        if path == "config.model":
+            continue
+        if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
+                declared[key], ml_collections.ConfigDict):
+            check_declared_fields(config[key], declared[key], path)
+
+
+# Optional sections of a diffusion run's config: section -> module with default_section().
+_OPTIONAL_SECTIONS = {"gan": "gan_train", "latent": "latent", "distill": "distill"}
+
+
+def _declared_run_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The fields a diffusion / GAN / latent / distillation run may have."""
+    declared = config_defaults.base_config()
+    for section, module in _OPTIONAL_SECTIONS.items():
+        if section in config:
+            declared[section] = importlib.import_module(
+                f"simple_diffusion.{module}").default_section()
+    return declared
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
@@ -35,6 +82,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     Raises:
       ConfigError: with the field, the bad value and the fix.
     """
+    check_declared_fields(config, _declared_run_fields(config))
     mesh_shape = _validate_batch(config, num_devices, process_count)
 
     m = config.model
@@ -258,7 +306,9 @@ def validate_autoencoder_config(config: ml_collections.ConfigDict, *, num_device
     """An autoencoder / VAE run (``config.autoencoder``, autoencoder_train.py); returns
     the mesh shape."""
     from simple_diffusion import autoencoder as ae_lib  # pylint: disable=g-import-not-at-top
+    from simple_diffusion import autoencoder_train  # pylint: disable=g-import-not-at-top
     from simple_diffusion.models import autoencoder as ae_models  # pylint: disable=g-import-not-at-top
+    check_declared_fields(config, autoencoder_train.base_config())
     mesh_shape = _validate_batch(config, num_devices, process_count)
     _check(mesh_shape[1] == 1, f"config.mesh.fsdp={config.mesh.fsdp}: autoencoder runs are "
            "data-parallel (parameters replicated); set --config.mesh.fsdp=1.")

@@ -198,3 +198,45 @@ def test_bad_values_are_refused_before_any_work(tiny_config, field, value, match
     tiny_config[section][key] = value
     with pytest.raises(config_validation.ConfigError, match=match):
         config_validation.validate_config(tiny_config, num_devices=8, process_count=1)
+
+
+@pytest.mark.parametrize("name,section,typo,meant", [
+    ("imagenet64", None, "num_train_step", "num_train_steps"),
+    ("imagenet64", "optimizer", "learning_rte", "learning_rate"),
+    ("sid2_demo", "sample", "guidance_scal", "guidance_scale"),
+    ("dcgan_fashion_mnist", "gan", "r1_gama", "r1_gamma"),
+    ("latent_fashion_mnist", "latent", "scale_factr", "scale_factor"),
+    ("distill_demo", "distill", "final_num_step", "final_num_steps"),
+    ("autoencoder_fashion_mnist", "autoencoder", "kl_wieght", "kl_weight"),
+])
+def test_a_misspelt_field_in_a_config_file_is_refused(name, section, typo, meant):
+    """Config files can add keys the command line could not; a misspelt one would be read
+    by nothing, so validation names it and the field that was probably meant."""
+    config = _load(name)
+    config.unlock()
+    (config[section] if section else config)[typo] = 1
+    validate = (config_validation.validate_autoencoder_config if name in AUTOENCODER
+                else config_validation.validate_config)
+    where = f"config.{section}.{typo}" if section else f"config.{typo}"
+    with pytest.raises(config_validation.ConfigError, match=rf"{where} is not a field.*{meant!r}"):
+        validate(config, num_devices=8, process_count=1)
+
+
+@pytest.mark.parametrize("name,typo,meant", [
+    ("imagenet64", "num_head", "num_heads"),
+    ("ddpm_unet_demo", "num_res_block", "num_res_blocks"),
+    ("dcgan_fashion_mnist", "latent_dims", "latent_dim"),
+    ("autoencoder_fashion_mnist", "latent_channel", "latent_channels"),
+])
+def test_a_misspelt_model_field_is_refused_by_the_builder(name, typo, meant):
+    from simple_diffusion.models import autoencoder as ae_models  # pylint: disable=g-import-not-at-top
+    from simple_diffusion.models import dcgan  # pylint: disable=g-import-not-at-top
+    config = _load(name, ARGS.get(name, (None,))[0])
+    config.unlock()
+    config.model[typo] = 3
+    build = {"uvit": models.create_model, "unet": models.create_model,
+             "dcgan": dcgan.create_generator,
+             "kl_autoencoder": ae_models.from_config}[config.model.name]
+    with pytest.raises(config_validation.ConfigError,
+                       match=rf"config.model.{typo} is not a field.*{meant!r}"):
+        build(config.model)

@@ -30,13 +30,14 @@ import tensorflow_datasets as tfds
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 
-_CLASS_NAMES = (
+# Label names in label order (evaluation/classifier.py reports accuracy under them).
+CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 # Split name -> idx file prefix, as the files are named upstream and in Debian.
 _SPLIT_PREFIXES = {"train": "train", "test": "t10k"}
-_IMAGE_SIZE = 28
+IMAGE_SIZE = 28
 
 
 def _source_files(source_dir: str) -> list[str]:
@@ -137,8 +138,8 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description="Fashion-MNIST (Zalando), 28x28 grayscale clothing images, 10 classes.",
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(_IMAGE_SIZE, _IMAGE_SIZE, 1)),
-                "label": tfds.features.ClassLabel(names=_CLASS_NAMES),
+                "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
+                "label": tfds.features.ClassLabel(names=CLASS_NAMES),
             }),
             supervised_keys=("image", "label"),
             # Keep the idx file order, so example i of a split is image i of its file.
@@ -159,7 +160,7 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, prefix: str) -> Iterator[tuple[int, dict]]:
         images = read_idx(os.path.join(self._source_dir, f"{prefix}-images-idx3-ubyte.gz"))
         labels = read_idx(os.path.join(self._source_dir, f"{prefix}-labels-idx1-ubyte.gz"))
-        if images.shape != (len(labels), _IMAGE_SIZE, _IMAGE_SIZE):
+        if images.shape != (len(labels), IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"{prefix}: {images.shape[0]} images of shape {images.shape[1:]} "
                              f"but {len(labels)} labels.")
         for index, (image, label) in enumerate(zip(images, labels)):

@@ -52,11 +52,11 @@ import numpy as np
 import optax
 
 from simple_diffusion import input_pipeline
+from simple_diffusion.datasets import fashion_mnist_local
 
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-               "Sneaker", "Bag", "Ankle boot")
+IMAGE_SIZE = fashion_mnist_local.IMAGE_SIZE
+CLASS_NAMES = fashion_mnist_local.CLASS_NAMES
+NUM_CLASSES = len(CLASS_NAMES)
 
 
 def per_class_markdown(rows: dict[str, tuple[list[float], float]]) -> str:

@@ -8,12 +8,27 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from simple_diffusion import config_validation
 from simple_diffusion.models import unet
 from simple_diffusion.models import uvit
 
 _BUILDERS = {"uvit": uvit, "unet": unet}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _COMMON_FIELDS = ("name", "image_size", "in_channels", "num_classes", "dtype", "param_dtype")
+
+
+def reject_unknown_fields(config: ml_collections.ConfigDict, fields) -> None:
+    """ConfigError (a ValueError) naming a field of a model config not in `fields`.
+
+    A config file can add any key, so a misspelt one (`c.model.num_head = 8`) would
+    otherwise be read by nothing and the model built with the preset's value.
+    """
+    for key in config.keys():
+        if key not in fields:
+            raise config_validation.ConfigError(
+                f"config.model.{key} is not a field of a {config.get('name')!r} model, so "
+                f"nothing would read it.{config_validation.suggest(key, fields)} Its fields: "
+                f"{sorted(fields)}.")
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -47,6 +62,7 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
     if missing:
         raise ValueError(f"{config.name} config is missing fields {missing}; start from "
                          "presets.get_preset(...) and override.")
+    reject_unknown_fields(config, _COMMON_FIELDS + builder.CONFIG_FIELDS + optional)
     for field in ("dtype", "param_dtype"):
         if config[field] not in _DTYPES:
             raise ValueError(f"config.{field}={config[field]!r}: use one of {sorted(_DTYPES)}.")

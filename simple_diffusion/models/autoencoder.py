@@ -201,6 +201,7 @@ def from_config(config: ml_collections.ConfigDict) -> KLAutoencoder:
     if config.get("name") != NAME or missing:
         raise ValueError(f"config.model must be a {NAME!r} config (autoencoder.preset(...)); "
                          f"name={config.get('name')!r}, missing fields {missing}.")
+    models.reject_unknown_fields(config, ("name",) + CONFIG_FIELDS)
     f = downsampling_factor(config)
     if config.image_size % f:
         raise ValueError(f"config.model.image_size={config.image_size} is not divisible by the "

@@ -148,6 +148,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
     if missing:
         raise ValueError(f"dcgan model config is missing fields {missing}; start from "
                          "models.dcgan.default_config(...) and override.")
+    models.reject_unknown_fields(
+        config, ("name", "image_size", "in_channels", "num_classes") + CONFIG_FIELDS)
     for field in ("dtype", "param_dtype"):
         if config[field] not in _DTYPES:
             raise ValueError(f"config.model.{field}={config[field]!r}: use one of "
