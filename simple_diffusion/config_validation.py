@@ -53,17 +53,20 @@ def check_declared_fields(config: ml_collections.ConfigDict,
             check_declared_fields(config[key], declared[key], path)
 
 
-# Optional sections of a diffusion run's config: section -> module with default_section().
-_OPTIONAL_SECTIONS = {"gan": "gan_train", "latent": "latent", "distill": "distill"}
+# Optional sections of a diffusion run's config: section -> (module, function declaring it).
+_OPTIONAL_SECTIONS = {"gan": ("gan_train", "default_section"),
+                      "latent": ("latent", "default_section"),
+                      "distill": ("distill", "default_section"),
+                      "distillation": ("distill", "round_section")}  # A distilled round's run.
 
 
 def _declared_run_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The fields a diffusion / GAN / latent / distillation run may have."""
     declared = config_defaults.base_config()
-    for section, module in _OPTIONAL_SECTIONS.items():
+    for section, (module, function) in _OPTIONAL_SECTIONS.items():
         if section in config:
-            declared[section] = importlib.import_module(
-                f"simple_diffusion.{module}").default_section()
+            declared[section] = getattr(
+                importlib.import_module(f"simple_diffusion.{module}"), function)()
     return declared
 
 

@@ -124,10 +124,20 @@ def student_config(config: ml_collections.ConfigDict, teacher_config: ml_collect
         c[name] = ml_collections.ConfigDict({**c[name].to_dict(), **ddim})
     c.sample.every_steps = 0  # The round writes one grid at its end.
     c.eval.every_steps = 0
-    c.distillation = dict(teacher_workdir=d.teacher_workdir, round=k,
-                          teacher_num_steps=2 * num_steps, student_num_steps=num_steps,
-                          guidance_scale=d.guidance_scale if k == 1 else 0.0)
+    c.distillation = round_section(teacher_workdir=d.teacher_workdir, round=k,
+                                   teacher_num_steps=2 * num_steps, student_num_steps=num_steps,
+                                   guidance_scale=d.guidance_scale if k == 1 else 0.0)
     return c
+
+
+def round_section(teacher_workdir: str | None = None, round: int = 0,  # pylint: disable=redefined-builtin
+                  teacher_num_steps: int = 0, student_num_steps: int = 0,
+                  guidance_scale: float = 0.0) -> ml_collections.ConfigDict:
+    """``config.distillation`` of a round's run config (its config.json): the teacher's
+    workdir, the round k and its teacher / student DDIM steps and distilled guidance."""
+    return ml_collections.ConfigDict(dict(
+        teacher_workdir=teacher_workdir, round=round, teacher_num_steps=teacher_num_steps,
+        student_num_steps=student_num_steps, guidance_scale=guidance_scale))
 
 
 def make_distill_step(model, tx, config: ml_collections.ConfigDict, lr_schedule: optax.Schedule,

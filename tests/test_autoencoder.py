@@ -24,6 +24,10 @@ from simple_diffusion.models import autoencoder as ae_models
 
 from conftest import load_config, read_checkpoint_params  # pylint: disable=g-bad-import-order
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("autoencoder")
+
 SPLIT = "train[:256]"  # A slice keeps the latent cache (one pass of the split) fast.
 
 

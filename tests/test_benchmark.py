@@ -21,6 +21,10 @@ from simple_diffusion.bench import gpu as gpu_lib
 from simple_diffusion.bench import report
 from simple_diffusion.bench import timing
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("benchmark")
+
 _REPEATS = 2
 _SAMPLE_STEPS = 2
 

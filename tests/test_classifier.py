@@ -12,6 +12,10 @@ from simple_diffusion import sharding
 from simple_diffusion.evaluation import classifier
 from simple_diffusion.evaluation import evaluator as evaluator_lib
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("classifier")
+
 # A tiny budget (1 epoch on 12K images, seconds) instead of the cached default's.
 _TEST_SETTINGS = classifier.TrainSettings(epochs=1, num_train=12_000)
 

@@ -22,6 +22,10 @@ from simple_diffusion import train_step as train_step_lib
 
 from conftest import load_config  # pylint: disable=g-bad-import-order
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("distillation")
+
 NULL = 10  # Null label of the closed-form teacher (10 classes).
 
 

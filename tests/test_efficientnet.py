@@ -11,6 +11,10 @@ from simple_diffusion.evaluation import features
 from simple_diffusion.evaluation import frechet
 from simple_diffusion.evaluation import torch_pickle
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("efficientnet")
+
 _CAT_CLASSES = range(281, 286)  # tabby, tiger, Persian, Siamese, Egyptian cat
 _NUM_IMAGES = 16  # 1 cat + 7 natural crops + 8 noise images, one compile
 

@@ -20,6 +20,10 @@ from simple_diffusion.experiments import suites as suites_lib
 
 from conftest import load_config  # pylint: disable=g-bad-import-order
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("experiments")
+
 
 def test_every_suite_arm_is_a_valid_config_at_every_scale():
     for suite in suites_lib.SUITES.values():

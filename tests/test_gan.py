@@ -25,6 +25,10 @@ from simple_diffusion import sharding
 
 from conftest import load_config  # pylint: disable=g-bad-import-order
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("gan")
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -19,6 +19,10 @@ from simple_diffusion.evaluation import features
 from simple_diffusion.evaluation import inception_v3
 from simple_diffusion.evaluation import torch_pickle
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("inception")
+
 _STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage",
                   np.dtype(np.int64): "LongStorage"}
 

@@ -18,6 +18,10 @@ from simple_diffusion import grain_pipeline
 from simple_diffusion import input_pipeline
 from simple_diffusion.datasets import fashion_mnist_local
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its
+# module-scoped fixtures are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("input_pipeline")
+
 _IDX_DIR = "/usr/share/datasets/fashion-mnist"
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from simple_diffusion import models
 from simple_diffusion.models import layers
 
 Dtype = layers.Dtype
