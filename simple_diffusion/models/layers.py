@@ -317,7 +317,9 @@ def _opaque_identity(x: jnp.ndarray) -> jnp.ndarray:
     with identical branches is simplified away, so the predicate is one XLA cannot prove
     (a uint32 with its low bit set is never 0) and the never-taken branch differs.
     """
-    word = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+    # One element, indexed without a reshape (which could relayout a sharded x).
+    first = x[(0,) * x.ndim].astype(jnp.float32)
+    word = jax.lax.bitcast_convert_type(first, jnp.uint32)
     return jax.lax.cond((word | jnp.uint32(1)) != 0, lambda v: v, jnp.zeros_like, x)
 
 
