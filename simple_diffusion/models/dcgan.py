@@ -143,13 +143,12 @@ class Discriminator(nn.Module):
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
-    missing = [f for f in ("image_size", "in_channels", "num_classes") + CONFIG_FIELDS
-               if f not in config]
+    required = ("image_size", "in_channels", "num_classes") + CONFIG_FIELDS
+    missing = [f for f in required if f not in config]
     if missing:
         raise ValueError(f"dcgan model config is missing fields {missing}; start from "
                          "models.dcgan.default_config(...) and override.")
-    models.reject_unknown_fields(
-        config, ("name", "image_size", "in_channels", "num_classes") + CONFIG_FIELDS)
+    models.reject_unknown_fields(config, ("name",) + required)
     for field in ("dtype", "param_dtype"):
         if config[field] not in _DTYPES:
             raise ValueError(f"config.model.{field}={config[field]!r}: use one of "

@@ -258,8 +258,9 @@ def _group_norm_silu_bwd(num_groups, epsilon, residuals, dy):
     kk = scale * (1.0 + mod_scale)  # d(GroupNorm output)/d xhat, modulation included
     m1 = group_mean(kk * sum_dz)  # group means of dxhat and of dxhat * xhat
     m2 = group_mean(kk * sum_dz_xhat)
-    # dx = rstd * (dxhat - m1 - xhat * m2), xhat = (x - mean) * rstd, as one multiply-add.
-    dx = (dz * (rstd * kk)[:, None, :] + rows * (-rstd * rstd * m2)[:, None, :]
+    # dx = rstd * (dxhat - m1 - xhat * m2), xhat = (x - mean) * rstd, as one multiply-add
+    # (rstd * kk = k).
+    dx = (dz * k[:, None, :] + rows * (-rstd * rstd * m2)[:, None, :]
           + (rstd * (mean * rstd * m2 - m1))[:, None, :])
     return (dx, jnp.sum((1.0 + mod_scale) * sum_dz_xhat, 0),
             jnp.sum((1.0 + mod_scale) * sum_dz, 0),
