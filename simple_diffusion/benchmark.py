@@ -42,8 +42,8 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from simple_diffusion import cli_start
 from simple_diffusion import flops
-from simple_diffusion import host_malloc
 from simple_diffusion import samplers
 from simple_diffusion.bench import gpu as gpu_lib
 from simple_diffusion.bench import report
@@ -257,5 +257,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_malloc.reexec_with_hugepages()
+    cli_start.prepare_process()
     app.run(main)

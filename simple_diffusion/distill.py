@@ -46,10 +46,10 @@ from ml_collections import config_flags
 import optax
 
 from simple_diffusion import checkpointing
+from simple_diffusion import cli_start
 from simple_diffusion import config_validation
 from simple_diffusion import distillation
 from simple_diffusion import distributed
-from simple_diffusion import host_malloc
 from simple_diffusion import input_pipeline
 from simple_diffusion import models
 from simple_diffusion import optimizer as optimizer_lib
@@ -481,6 +481,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_malloc.reexec_with_hugepages()
+    cli_start.prepare_process()
     _define_flags()
     app.run(main)

@@ -26,9 +26,9 @@ from absl import logging
 from clu import metric_writers
 import jax
 
+from simple_diffusion import cli_start
 from simple_diffusion import config_validation
 from simple_diffusion import distributed
-from simple_diffusion import host_malloc
 from simple_diffusion import sampler_flags
 from simple_diffusion import sampling
 from simple_diffusion.evaluation import workdir_evaluation
@@ -93,6 +93,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_malloc.reexec_with_hugepages()
+    cli_start.prepare_process()
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

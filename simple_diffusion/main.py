@@ -16,8 +16,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from simple_diffusion import cli_start
 from simple_diffusion import distributed
-from simple_diffusion import host_malloc
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/<name>.py).", lock_config=True)
@@ -71,5 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_malloc.reexec_with_hugepages()
+    cli_start.prepare_process()
     app.run(main)

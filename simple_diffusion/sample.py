@@ -24,9 +24,9 @@ from absl import logging
 import jax
 
 from simple_diffusion import checkpointing
+from simple_diffusion import cli_start
 from simple_diffusion import config_validation
 from simple_diffusion import distributed
-from simple_diffusion import host_malloc
 from simple_diffusion import models
 from simple_diffusion import sampler_flags
 from simple_diffusion import sampling
@@ -117,5 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_malloc.reexec_with_hugepages()
+    cli_start.prepare_process()
     app.run(main)

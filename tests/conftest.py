@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices, set before JAX initialises."""
+"""Test setup: 8 simulated CPU devices and the CLIs' XLA flags, set before JAX initialises."""
 
 import os
 
@@ -13,6 +13,12 @@ import importlib.util
 import pathlib
 
 import pytest
+
+from simple_diffusion import xla_cpu
+
+# The process-wide XLA:CPU option the command lines set (multi-output fusion), so tests
+# compile what users run; subprocesses inherit it through XLA_FLAGS.
+xla_cpu.set_process_flags()
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -17,8 +17,8 @@ from absl import flags
 from absl import logging
 
 from simple_diffusion import checkpointing
+from simple_diffusion import cli_start
 from simple_diffusion import config_validation
-from simple_diffusion import host_malloc
 from simple_diffusion import input_pipeline
 from simple_diffusion import workdir_lock
 from simple_diffusion.experiments import report
@@ -67,5 +67,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_malloc.reexec_with_hugepages()
+    cli_start.prepare_process()
     app.run(main)
