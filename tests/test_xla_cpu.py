@@ -112,6 +112,9 @@ def test_process_flags_are_refused_once_the_backends_run_or_when_opted_out():
         before = dict(environ)
         assert not xla_cpu.set_process_flags(environ)
         assert environ == before
+    # Already set (this process's conftest did it): nothing to change, and no warning.
+    environ = dict(os.environ)
+    assert xla_cpu.set_process_flags(environ) and environ == dict(os.environ)
 
 
 def optimizer_step_probe() -> dict:
