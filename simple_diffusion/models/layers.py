@@ -305,7 +305,10 @@ def cotangent_barrier_default() -> bool:
     so the backward of a depth-d stack does O(d^2) elementwise work: 6 blocks of the
     CPU-reference transformer took 220-255 ms of value-and-grad against 155-165 ms with
     the barrier, and its whole train step 1.17-1.28 s against 1.08-1.18 s
-    (docs/benchmarks.md). GPU and TPU fusion passes bound their fusion
+    (docs/benchmarks.md). With XLA:CPU's multi-output fusion (`xla_cpu.set_process_flags`,
+    which the command lines call) the plain graph's fusions stay flat too and the two
+    time the same (6 blocks: 129-160 ms either way); the barrier stays for processes
+    without the flag (a user's own script). GPU and TPU fusion passes bound their fusion
     sizes; they keep the plain graph.
     """
     return jax.default_backend() == "cpu"
