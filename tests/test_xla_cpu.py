@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from simple_diffusion import sharding as sharding_lib
@@ -121,7 +122,6 @@ def optimizer_step_probe() -> dict:
     """Compiles the trainer's optimizer step (clip + AdamW + EMA + the non-finite guard,
     `train_step.apply_gradients`) with its state donated, as the train step does; returns
     the compiled program's state copies and multi-output fusions and two steps' state."""
-    import optax  # pylint: disable=g-import-not-at-top
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(64, 64)), jnp.float32),
