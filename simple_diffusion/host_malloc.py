@@ -14,7 +14,7 @@ unaffected beyond the pages it maps.
 glibc reads tunables once, at process start, so they cannot be switched on from inside a
 running interpreter. The command-line entry points (`python -m simple_diffusion.main`,
 `.benchmark`, `.sample`, `.evaluate`, `.distill`, `.experiments`) therefore call
-`reexec_with_hugepages()` under `if __name__ == "__main__"`: when it applies, the process
+`reexec_with_hugepages()` first (through `cli_start.prepare_process()`): when it applies, the process
 replaces itself (os.execve, same pid, argv and environment plus the tunable) before any
 work starts. Nothing happens when GLIBC_TUNABLES is already set (the user's choice wins),
 when SIMPLE_DIFFUSION_DEFAULT_MALLOC=1, on non-glibc or older systems, or when the kernel
