@@ -9,8 +9,11 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 # Keep TensorFlow (used by TFDS / clu writers) quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import ast
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -21,6 +24,21 @@ from simple_diffusion import xla_cpu
 xla_cpu.set_process_flags()
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def eval_without_process_flags(module: str, expression: str):
+    """`expression` (a Python literal once evaluated) computed in a fresh process that opted
+    out of the process flags (xla_cpu.OPT_OUT), after importing conftest and `tests/<module>`.
+
+    For tests that compare what XLA:CPU does with and without them: the flags are read once
+    per process, so "without" needs its own process.
+    """
+    env = dict(os.environ, XLA_FLAGS="", **{xla_cpu.OPT_OUT: "1"})
+    code = (f"import sys; sys.path.insert(0, 'tests'); import conftest, {module}; "
+            f"print(repr({expression}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    return ast.literal_eval(out.splitlines()[-1])
 
 
 def load_config(name: str):

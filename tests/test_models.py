@@ -7,13 +7,8 @@ the zero-initialised residual branches would hide conditioning and dropout. One 
 runs the real `init`.
 """
 
-import ast
 import functools
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -23,13 +18,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import eval_without_process_flags  # pylint: disable=g-bad-import-order
 from simple_diffusion import models
-from simple_diffusion import xla_cpu
 from simple_diffusion.models import layers
 from simple_diffusion.models import presets
 from simple_diffusion.models import uvit
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 ALLOWED_AXES = {"embed", "mlp", "heads", "head_dim", "conv_in", "conv_out", "classes",
                 "layers", None}
@@ -845,11 +838,7 @@ def test_cotangent_barrier_keeps_transformer_backward_fusions_flat_in_depth():
     assert largest[False, 4] <= largest[False, 1] + 10, largest
     for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(want))))
-    env = dict(os.environ, XLA_FLAGS="", **{xla_cpu.OPT_OUT: "1"})
-    code = ("import sys; sys.path.insert(0, 'tests'); import conftest, test_models; "
-            "print(sorted(test_models.backward_fusion_sizes()[0].items()))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout
-    off = dict(ast.literal_eval(out.splitlines()[-1]))
+    off = dict(eval_without_process_flags(
+        "test_models", "sorted(test_models.backward_fusion_sizes()[0].items())"))
     assert off[True, 4] <= off[True, 1] + 10, off
     assert off[False, 4] > 2 * off[False, 1], off

@@ -1,6 +1,5 @@
 """The XLA:CPU options (simple_diffusion/xla_cpu.py) take effect and change no result."""
 
-import json
 import os
 import pathlib
 import re
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import eval_without_process_flags  # pylint: disable=g-bad-import-order
 from simple_diffusion import sharding as sharding_lib
 from simple_diffusion import train_step as train_step_lib
 from simple_diffusion import xla_cpu
@@ -150,12 +150,7 @@ def test_multi_output_fusion_stops_the_optimizer_step_copying_its_state():
     opted out copies every leaf before updating it in place, and computes the same state
     within float rounding."""
     ours = optimizer_step_probe()
-    env = dict(os.environ, XLA_FLAGS="", **{xla_cpu.OPT_OUT: "1"})
-    code = ("import json, sys; sys.path.insert(0, 'tests'); import conftest, test_xla_cpu; "
-            "print(json.dumps(test_xla_cpu.optimizer_step_probe()))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout
-    off = json.loads(out.splitlines()[-1])
+    off = eval_without_process_flags("test_xla_cpu", "test_xla_cpu.optimizer_step_probe()")
     assert ours["multi_output_fusions"] > 0 and off["multi_output_fusions"] == 0
     # params, mu, nu and the EMA of two leaves are copied without the option.
     assert off["copies"] >= 8 and ours["copies"] <= 1
