@@ -69,6 +69,42 @@ def _flip_one_bit(workdir, step, clean: dict[str, np.ndarray], prefix: str = "")
     raise AssertionError("no bit flip found that orbax reads back silently")
 
 
+def _numpy_checksum(x: np.ndarray) -> str:
+    """The documented checksum (checkpointing's comment block), re-derived in NumPy
+    with 64-bit integers reduced mod 2**32 by hand."""
+    mask = np.uint64(0xFFFFFFFF)
+
+    def fmix(h):
+        h = h ^ (h >> np.uint64(16))
+        h = (h * np.uint64(0x85EBCA6B)) & mask
+        h = h ^ (h >> np.uint64(13))
+        h = (h * np.uint64(0xC2B2AE35)) & mask
+        return h ^ (h >> np.uint64(16))
+
+    x = np.ascontiguousarray(x)
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+    words = x.reshape(-1).view(unsigned).astype(np.uint64)
+    position = np.arange(words.size, dtype=np.uint64)
+    position_hash = fmix((position * np.uint64(0x9E3779B1) + np.uint64(0x7F4A7C15)) & mask)
+    h = fmix(words ^ position_hash)
+    first = int(h.sum(dtype=np.uint64) & mask)
+    second = int(((h * (position_hash | np.uint64(1))) & mask).sum(dtype=np.uint64) & mask)
+    return f"{first:08x}{second:08x}"
+
+
+def test_checksums_match_a_numpy_rederivation():
+    # Many arrays of one shape (they share a reduction, in chunks) among others.
+    rs = np.random.RandomState(1)
+    tree = {"same": [rs.randn(3, 5).astype(np.float32) for _ in range(37)],
+            "bf16": rs.randn(4, 6).astype(jnp.bfloat16), "int": np.arange(-7, 8, dtype=np.int32),
+            "bool": np.array([[True, False, True]]), "scalar": np.float32(-2.5)}
+    got = checkpointing.tree_checksums(jax.tree.map(jnp.asarray, tree))
+    want = {f"same/{i}": _numpy_checksum(x) for i, x in enumerate(tree["same"])}
+    want.update({k: _numpy_checksum(np.asarray(tree[k])) for k in ("bf16", "int", "scalar")})
+    want["bool"] = _numpy_checksum(tree["bool"].astype(np.uint8))
+    assert got == want
+
+
 def test_checksums_do_not_depend_on_the_layout_and_see_every_bit():
     rs = np.random.RandomState(0)
     x = rs.randn(16, 24).astype(np.float32)

@@ -6,6 +6,7 @@ and data order), and checkpoints must move between the two layouts.
 
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -45,13 +46,20 @@ def _train(workdir, data_dir, num_processes: int, steps: int, timeout: int = 420
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
+            try:
+                outs.append(p.communicate(timeout=timeout)[0])
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack.
+                outs.append(p.communicate(timeout=60)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    # Every process's output on failure: when one process aborts because another
+    # hung, the hung one's output (its stacks, from faulthandler) says where.
+    failed = [f"process {i} exited {p.returncode}:\n{out[-6000:]}"
+              for i, (p, out) in enumerate(zip(procs, outs)) if p.returncode != 0]
+    assert not failed, "\n\n".join(failed)
 
 
 def _params(workdir, step):
