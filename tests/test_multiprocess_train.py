@@ -1,11 +1,12 @@
 """Real multi-process training on localhost: 2 processes x 4 CPU devices.
 
 The 2-process run must equal the 1-process run on 8 devices (same global batch
-and data order), and checkpoints must move between the two layouts.
+and data order), and checkpoints must move between the two layouts both ways.
 """
 
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ def _train(workdir, data_dir, num_processes: int, steps: int, timeout: int = 420
     cmd = [sys.executable, "-m", "simple_diffusion.main", f"--config={REPO}/configs/tiny.py",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
            f"--config.num_train_steps={steps}", "--config.sample.every_steps=0",
+           "--config.checkpoint_every_steps=5",
            # Adam turns float noise in near-zero gradients into lr-sized steps
            # (lr * sign(g)); a large eps keeps updates ~ lr * g, so the two
            # layouts can be compared at float32 tolerance.
@@ -72,18 +74,32 @@ def _assert_close(a, b):
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
+def _copy_until(src, dst, step):
+    """A copy of workdir ``src`` holding only its checkpoints up to ``step``."""
+    shutil.copytree(src, dst)
+    for name in os.listdir(dst / "checkpoints"):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(dst / "checkpoints" / name)
+
+
 def test_two_processes_match_one_and_checkpoints_cross_layouts(tmp_path, fashion_mnist_dir):
-    one, two = tmp_path / "one", tmp_path / "two"
-    _train(one, fashion_mnist_dir, num_processes=1, steps=10)
+    # One process trains 0 -> 15 (checkpoints 5, 10, 15). Two processes resume its
+    # step 5 to 10 (1 -> 2 layouts), then one process resumes theirs to 15 (2 -> 1);
+    # each must land where the one-process run did.
+    one, two, back = tmp_path / "one", tmp_path / "two", tmp_path / "back"
+    _train(one, fashion_mnist_dir, num_processes=1, steps=15)
+    _copy_until(one, two, 5)
+    (two / "config.json").unlink()
+    events_before = [f for f in os.listdir(two) if f.startswith("events.out")]
     _train(two, fashion_mnist_dir, num_processes=2, steps=10)
     # Only process 0 writes the config and TensorBoard events.
     assert (two / "config.json").exists()
-    assert len([f for f in os.listdir(two) if f.startswith("events.out")]) == 1
+    events = [f for f in os.listdir(two) if f.startswith("events.out")]
+    assert len(events) == len(events_before) + 1
     _assert_close(_params(two, 10), _params(one, 10))
-    # Swap layouts and continue: the 1-process run resumes the 2-process
-    # checkpoint and vice versa; both continuations agree.
-    _train(one, fashion_mnist_dir, num_processes=2, steps=15)
-    _train(two, fashion_mnist_dir, num_processes=1, steps=15)
-    _assert_close(_params(two, 15), _params(one, 15))
-    # And the continuation really trained: step 15 differs from step 10.
-    assert any(not np.array_equal(x, y) for x, y in zip(_params(one, 15), _params(one, 10)))
+    _copy_until(two, back, 10)
+    _train(back, fashion_mnist_dir, num_processes=1, steps=15)
+    _assert_close(_params(back, 15), _params(one, 15))
+    # And the continuations really trained: each step differs from the one resumed.
+    assert any(not np.array_equal(x, y) for x, y in zip(_params(two, 10), _params(one, 5)))
+    assert any(not np.array_equal(x, y) for x, y in zip(_params(back, 15), _params(two, 10)))
