@@ -32,6 +32,14 @@ matmul peak measured in the same run. Output: a Markdown table on stdout and,
 with ``--output``, everything as JSON. Details: docs/benchmarks.md.
 """
 
+from simple_diffusion import cli_start
+
+if __name__ == "__main__":
+    # Before the imports below: it may restart the process (execve), which would
+    # otherwise redo them (~2 s of jax, flax and TensorFlow imports per command).
+    cli_start.prepare_process()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import os
@@ -42,7 +50,6 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from simple_diffusion import cli_start
 from simple_diffusion import flops
 from simple_diffusion import samplers
 from simple_diffusion.bench import gpu as gpu_lib
@@ -257,5 +264,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli_start.prepare_process()
     app.run(main)

@@ -25,6 +25,14 @@ step)``, data from ``input_pipeline`` at the restored step). The loss is in
 ``distillation.py``; docs/distillation.md has the method.
 """
 
+from simple_diffusion import cli_start
+
+if __name__ == "__main__":
+    # Before the imports below: it may restart the process (execve), which would
+    # otherwise redo them (~2 s of jax, flax and TensorFlow imports per command).
+    cli_start.prepare_process()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import contextlib
 import dataclasses
 import json
@@ -46,7 +54,6 @@ from ml_collections import config_flags
 import optax
 
 from simple_diffusion import checkpointing
-from simple_diffusion import cli_start
 from simple_diffusion import config_validation
 from simple_diffusion import distillation
 from simple_diffusion import distributed
@@ -481,6 +488,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli_start.prepare_process()
     _define_flags()
     app.run(main)

@@ -16,6 +16,14 @@ the Fréchet distance on EfficientNet-Lite0 features, reported as
 ``config.eval.every_steps``.
 """
 
+from simple_diffusion import cli_start
+
+if __name__ == "__main__":
+    # Before the imports below: it may restart the process (execve), which would
+    # otherwise redo them (~2 s of jax, flax and TensorFlow imports per command).
+    cli_start.prepare_process()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import sys
@@ -26,7 +34,6 @@ from absl import logging
 from clu import metric_writers
 import jax
 
-from simple_diffusion import cli_start
 from simple_diffusion import config_validation
 from simple_diffusion import distributed
 from simple_diffusion import sampler_flags
@@ -93,6 +100,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli_start.prepare_process()
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

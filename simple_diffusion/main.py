@@ -9,6 +9,14 @@ process runs the same command; the cluster is detected (Cloud TPU, SLURM, Open
 MPI, k8s) or given with --coordinator_address/--num_processes/--process_id.
 """
 
+from simple_diffusion import cli_start
+
+if __name__ == "__main__":
+    # Before the imports below: it may restart the process (execve), which would
+    # otherwise redo them (~2 s of jax, flax and TensorFlow imports per command).
+    cli_start.prepare_process()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import sys
 
 from absl import app
@@ -16,7 +24,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from simple_diffusion import cli_start
 from simple_diffusion import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -71,5 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli_start.prepare_process()
     app.run(main)

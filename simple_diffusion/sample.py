@@ -13,6 +13,14 @@ i.e. the sampler of its recipe. Writes to
 (and hosts); the same seed gives the same images.
 """
 
+from simple_diffusion import cli_start
+
+if __name__ == "__main__":
+    # Before the imports below: it may restart the process (execve), which would
+    # otherwise redo them (~2 s of jax, flax and TensorFlow imports per command).
+    cli_start.prepare_process()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import os
@@ -24,7 +32,6 @@ from absl import logging
 import jax
 
 from simple_diffusion import checkpointing
-from simple_diffusion import cli_start
 from simple_diffusion import config_validation
 from simple_diffusion import distributed
 from simple_diffusion import models
@@ -117,5 +124,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli_start.prepare_process()
     app.run(main)

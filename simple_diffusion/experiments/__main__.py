@@ -10,6 +10,14 @@ Suites (simple_diffusion/experiments/suites.py): shift128, multiscale128, weight
 architecture, sampling. Re-running resumes interrupted runs and skips finished ones.
 """
 
+from simple_diffusion import cli_start
+
+if __name__ == "__main__":
+    # Before the imports below: it may restart the process (execve), which would
+    # otherwise redo them (~2 s of jax, flax and TensorFlow imports per command).
+    cli_start.prepare_process()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import sys
 
 from absl import app
@@ -17,7 +25,6 @@ from absl import flags
 from absl import logging
 
 from simple_diffusion import checkpointing
-from simple_diffusion import cli_start
 from simple_diffusion import config_validation
 from simple_diffusion import input_pipeline
 from simple_diffusion import workdir_lock
@@ -67,5 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli_start.prepare_process()
     app.run(main)
