@@ -126,8 +126,9 @@ def _as_uint32_words(x: jax.Array) -> jax.Array:
 
 
 # Arrays of one shape share a reduction: one variadic reduce per (shape, dtype,
-# sharding) and chunk, instead of one per array, cuts the program's compile time
-# ~10x (a train state holds params, EMAs and Adam moments of the same shapes).
+# sharding) and chunk instead of one per array. A train state holds params, EMAs
+# and Adam moments of the same shapes, so the program has ~10x fewer fusions and
+# compiles ~3x faster (the tiny model's 354 arrays: 26 s -> 8 s on a loaded CPU).
 _MAX_ARRAYS_PER_REDUCE = 16
 
 
