@@ -1,6 +1,8 @@
 """host_malloc: when the CLIs restart with glibc's hugetlb tunable, and what it changes."""
 
+import ast
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -94,3 +96,35 @@ def test_cli_restarts_once_and_respects_user_tunables():
     mine = subprocess.run(cmd, env={**environ, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
                           capture_output=True, text=True, timeout=300)
     assert "Benchmarks:" in mine.stdout and "restarting" not in mine.stderr
+
+
+CLIS = ["main", "sample", "evaluate", "distill", "benchmark", "experiments/__main__"]
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_cli_prepares_the_process_before_its_other_imports(cli):
+    """A restart redoes every import made before it, so prepare_process comes first."""
+    path = pathlib.Path(host_malloc.__file__).parent / f"{cli}.py"
+    body = ast.parse(path.read_text()).body[1:]  # After the docstring.
+    assert ast.unparse(body[0]) == "from simple_diffusion import cli_start"
+    assert ast.unparse(body[1]) == ("if __name__ == '__main__':\n"
+                                    "    cli_start.prepare_process()")
+
+
+def test_cli_restarts_before_importing_jax():
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT)}
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "simple_diffusion.sample",
+                          "--helpshort"], env=environ, capture_output=True, text=True, timeout=300)
+    assert "--workdir" in out.stdout, out.stderr[-2000:]  # absl's help, then exit 1.
+    before, restart, after = out.stderr.partition("restarting with GLIBC_TUNABLES")
+    assert bool(restart) == _APPLIES
+
+    def imported(text):
+        return {line.split("|")[-1].strip() for line in text.splitlines()
+                if line.startswith("import time:")}
+
+    if _APPLIES:
+        assert "simple_diffusion.cli_start" in imported(before)
+        assert not {"jax", "flax", "tensorflow"} & imported(before)
+    assert {"jax", "flax"} <= imported(after if _APPLIES else before)
