@@ -42,6 +42,13 @@ def test_host_probes_parse_this_machine():
     assert host_malloc.transparent_hugepages_mode() in ("always", "madvise", "never", None)
 
 
+def _environ_that_restarts() -> dict[str, str]:
+    """This environment without the user's tunables or the opt-out, as a CLI would see
+    it on a fresh shell (it restarts where _APPLIES)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT)}
+
+
 _APPLIES = host_malloc.hugepage_environ(
     {}, host_malloc.glibc_version(), host_malloc.transparent_hugepages_mode()) is not None
 
@@ -64,8 +71,7 @@ _PROBE = textwrap.dedent("""
 
 
 def _probe(**env):
-    environ = {k: v for k, v in os.environ.items()
-               if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT)}
+    environ = _environ_that_restarts()
     out = subprocess.run([sys.executable, "-c", _PROBE], env={**environ, **env},
                          capture_output=True, text=True, check=True, timeout=300)
     return __import__("json").loads(out.stdout.strip().splitlines()[-1]), out.stderr
@@ -87,8 +93,7 @@ def test_restart_maps_huge_pages():
 
 
 def test_cli_restarts_once_and_respects_user_tunables():
-    environ = {k: v for k, v in os.environ.items()
-               if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT)}
+    environ = _environ_that_restarts()
     cmd = [sys.executable, "-m", "simple_diffusion.benchmark", "--help"]
     out = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=300)
     assert "Benchmarks:" in out.stdout, out.stderr[-2000:]  # absl's --help, then exit 1
@@ -112,8 +117,7 @@ def test_cli_prepares_the_process_before_its_other_imports(cli):
 
 
 def test_cli_restarts_before_importing_jax():
-    environ = {k: v for k, v in os.environ.items()
-               if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT)}
+    environ = _environ_that_restarts()
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "simple_diffusion.sample",
                           "--helpshort"], env=environ, capture_output=True, text=True, timeout=300)
     assert "--workdir" in out.stdout, out.stderr[-2000:]  # absl's help, then exit 1.
